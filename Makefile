@@ -1,0 +1,60 @@
+# kpfree — see README.md. `make test` is what CI runs (as root, fresh machine).
+SHELL := /usr/bin/env bash
+GO ?= go
+export PATH := /usr/local/go/bin:$(PATH)
+export CGO_ENABLED ?= 0
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X github.com/kpfree/kpfree/internal/version.Version=$(VERSION)
+BIN := bin
+PKGS := ./...
+
+.PHONY: all build deps test test-unit test-integration test-e2e generate verify lint demo bench clean k8s-binaries
+
+all: build
+
+## build: the kpfree CLI and the agent into ./bin
+build:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/kpfree ./cmd/kpfree
+
+## deps: Debian packages the tests need (root; no-op when present)
+deps:
+	hack/install-deps.sh
+
+## test: everything CI runs
+test: deps verify test-unit test-integration test-e2e
+
+## test-unit: pure logic, no root, seconds
+test-unit:
+	$(GO) test -short -count=1 $(PKGS)
+
+## test-integration: root; netns lab nodes with real sshd, BPF, apiserver
+test-integration: build
+	KPFREE_BIN=$(CURDIR)/$(BIN)/kpfree $(GO) test -count=1 -p 1 -timeout 30m -run 'Integration' $(PKGS)
+
+## test-e2e: kubeadm + kubelet + containerd on lab nodes
+test-e2e: build
+	KPFREE_BIN=$(CURDIR)/$(BIN)/kpfree $(GO) test -count=1 -p 1 -timeout 60m -run 'E2E' $(PKGS)
+
+## generate: regenerate bpf2go objects and other generated files
+generate:
+	$(GO) generate ./bpf/...
+
+## verify: gofmt, go vet, go.mod tidy, generated files up to date
+verify: lint
+	@hack/verify-generated.sh
+
+## lint: gofmt + go vet
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '^test/k8s/')); if [[ -n "$$out" ]]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+## demo: a local lab, then the main job against it
+demo: deps build
+	hack/demo.sh
+
+## bench: benchmarks (never part of test)
+bench: deps build
+	test/bench/run.sh
+
+clean:
+	rm -rf $(BIN)
