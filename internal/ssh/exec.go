@@ -40,7 +40,7 @@ type ExitError struct {
 }
 
 func (e *ExitError) Error() string {
-	return fmt.Sprintf("%s: command %q exited %d: %s", e.Host, e.Cmd, e.Result.ExitCode, firstLine(e.Result.Stderr))
+	return fmt.Sprintf("%s: command %s exited %d: %s", e.Host, shortCmd(e.Cmd), e.Result.ExitCode, Redact(firstLine(e.Result.Stderr)))
 }
 
 // Output runs cmd and returns its stdout, or an *ExitError when it exits non-zero.
