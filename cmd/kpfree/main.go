@@ -96,6 +96,7 @@ func newApp() *cli.App {
 		OnUsageError: func(c *cli.Context, err error, _ bool) error { return usageError{err} },
 		Commands: []*cli.Command{
 			versionCommand(),
+			preflightCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // exit codes are decided in run
 	}

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/kpfree/kpfree/internal/inventory"
+	"github.com/kpfree/kpfree/internal/ssh"
+	"github.com/kpfree/kpfree/internal/ui"
+	"github.com/kpfree/kpfree/preflight"
+)
+
+func preflightCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "preflight",
+		Usage: "check every host (or this machine with --local) before building a cluster; changes nothing",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "local", Usage: "check the machine kpfree runs on, without SSH (for Ansible)"},
+			&cli.StringFlag{Name: "role", Value: string(inventory.RoleControlPlane), Usage: "with --local: control-plane or worker"},
+			&cli.BoolFlag{Name: "require-kube-binaries", Usage: "fail, not warn, when kubeadm, kubelet or a container runtime is missing"},
+		},
+		Action: func(c *cli.Context) error {
+			e := newEnv(c)
+			ctx, cancel := withTimeout(c)
+			defer cancel()
+			opts := preflight.Options{RequireKubeBinaries: c.Bool("require-kube-binaries"), Parallel: e.Concurrency}
+			var rep preflight.Report
+			var err error
+			if c.Bool("local") {
+				role := inventory.Role(c.String("role"))
+				if role != inventory.RoleControlPlane && role != inventory.RoleWorker {
+					return usagef("--role %q: must be control-plane or worker", role)
+				}
+				st := e.UI.Start("Checking this machine")
+				rep, err = preflight.Local(ctx, role, opts)
+				st.End(err)
+			} else {
+				inv, lerr := loadInventory(c)
+				if lerr != nil {
+					return lerr
+				}
+				hosts, closeAll := connectAll(ctx, e, inv)
+				defer closeAll()
+				st := e.UI.Start(fmt.Sprintf("Checking %d hosts", len(hosts)))
+				rep, err = preflight.Run(ctx, hosts, opts)
+				st.End(err)
+			}
+			if err != nil && len(rep.Findings) == 0 {
+				return err
+			}
+			if werr := writePreflight(e, rep); werr != nil {
+				return werr
+			}
+			cnt := rep.Counts()
+			if rep.Failed() {
+				return failedError{fmt.Sprintf("preflight failed: %d checks failed, %d warnings on %d hosts", cnt.Fail, cnt.Warn, len(rep.Hosts))}
+			}
+			e.UI.Infof("preflight passed: %d checks, %d warnings on %d hosts", cnt.Pass+cnt.Warn, cnt.Warn, len(rep.Hosts))
+			return nil
+		},
+	}
+}
+
+// loadInventory reads --nodes; a missing flag or a bad file is a usage error.
+func loadInventory(c *cli.Context) (*inventory.Inventory, error) {
+	path := c.String("nodes")
+	if path == "" {
+		return nil, usagef("no inventory: pass --nodes hosts.yaml (see docs/inventory.md)")
+	}
+	inv, err := inventory.Load(path)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	return inv, nil
+}
+
+// connectAll opens SSH sessions to every host in parallel. A host that
+// cannot be reached gets an executor that reports the connection error, so
+// every other host is still checked and the report names the dead ones.
+func connectAll(ctx context.Context, e *env, inv *inventory.Inventory) ([]preflight.Host, func()) {
+	targets := inv.Targets()
+	st := e.UI.Start(fmt.Sprintf("Connecting to %d hosts", len(targets)))
+	clients, err := ssh.DialAll(ctx, targets, ssh.Options{Logger: hostLogger(e), Concurrency: e.Concurrency})
+	st.End(nil)
+	if err != nil {
+		e.UI.Warnf("%v", err)
+	}
+	hosts := make([]preflight.Host, 0, len(targets))
+	for _, t := range targets {
+		var ex ssh.Executor
+		if cl, ok := clients[t.Name]; ok {
+			ex = cl
+		} else {
+			ex = unreachable{name: t.Name, err: hostErr(err, t.Name)}
+		}
+		hosts = append(hosts, preflight.Host{Exec: ex, Role: t.Role})
+	}
+	return hosts, func() { ssh.CloseAll(clients) }
+}
+
+func hostLogger(e *env) ssh.Logger {
+	if e.Verbose == 0 {
+		return nil
+	}
+	return func(host, line string) { e.UI.HostLine(host, line) }
+}
+
+func hostErr(err error, host string) error {
+	if me, ok := err.(*ssh.MultiError); ok {
+		if he := me.Errors()[host]; he != nil {
+			return he
+		}
+	}
+	if err == nil {
+		err = fmt.Errorf("not connected")
+	}
+	return err
+}
+
+// unreachable is an Executor for a host that could not be connected to.
+type unreachable struct {
+	name string
+	err  error
+}
+
+func (u unreachable) Name() string { return u.name }
+func (u unreachable) Run(context.Context, string) (ssh.Result, error) {
+	return ssh.Result{}, u.err
+}
+func (u unreachable) Upload(context.Context, []byte, string, fs.FileMode) error { return u.err }
+func (u unreachable) Close() error                                              { return nil }
+
+func writePreflight(e *env, rep preflight.Report) error {
+	if e.Format == ui.JSON {
+		return e.UI.WriteJSON(struct {
+			OK       bool                    `json:"ok"`
+			Summary  preflight.Counts        `json:"summary"`
+			Hosts    []preflight.HostSummary `json:"hosts"`
+			Findings []preflight.Finding     `json:"findings"`
+		}{!rep.Failed(), rep.Counts(), stripFacts(rep.Hosts, e.Verbose), rep.Findings})
+	}
+	rows := make([][]string, 0, len(rep.Findings))
+	for _, f := range rep.Findings {
+		detail := f.Seen
+		if f.Remedy != "" {
+			detail += " -> " + f.Remedy
+		}
+		rows = append(rows, []string{f.Host, f.Check, strings.ToUpper(string(f.Status)), oneLine(detail)})
+	}
+	return e.UI.WriteTable([]string{"HOST", "CHECK", "STATUS", "DETAIL"}, rows)
+}
+
+// stripFacts keeps the raw facts out of the JSON unless -v asked for them.
+func stripFacts(hs []preflight.HostSummary, verbose int) []preflight.HostSummary {
+	out := append([]preflight.HostSummary(nil), hs...)
+	if verbose > 0 {
+		return out
+	}
+	for i := range out {
+		out[i].Facts = nil
+	}
+	return out
+}
+
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
