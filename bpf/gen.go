@@ -1,0 +1,7 @@
+package bpf
+
+// The generated sockLB* files are committed: `go build` needs neither clang
+// nor the kernel headers. Regenerate after editing sock_lb.c (needs clang,
+// libbpf-dev and the UAPI headers) with `go generate ./bpf/`.
+
+//go:generate go tool bpf2go -tags linux -target amd64 -type svc_key -type svc_val -type backend_val -type revnat_val -type aff_key -type aff_val -type aff_match_key -type sock_key -type sock_val sockLB sock_lb.c -- -I/usr/include/x86_64-linux-gnu -O2 -g -Wall
