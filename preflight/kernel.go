@@ -452,6 +452,21 @@ func checkJIT(f *Facts) Finding {
 		fd.Status, fd.Seen = Warn, "net.core.bpf_jit_enable=0: programs run in the interpreter, slower on every connect()"
 		fd.Remedy = persist
 	case "":
+		// net.core.bpf_jit_enable exists only in the initial network
+		// namespace: a host that is itself a netns or a container does not
+		// see it, so the kernel config decides.
+		if f.Config["CONFIG_BPF_JIT"] == "y" {
+			fd.Evidence = EvidenceConfig
+			if always != "" {
+				fd.Status = Pass
+				fd.Seen = "CONFIG_BPF_JIT=y" + always + "; net.core.bpf_jit_enable is not visible here (not the initial network namespace)"
+				return fd
+			}
+			fd.Status = Warn
+			fd.Seen = "CONFIG_BPF_JIT=y, but net.core.bpf_jit_enable is not visible here (not the initial network namespace), so whether the JIT is on cannot be read"
+			fd.Remedy = "check `sysctl net.core.bpf_jit_enable` in the host's initial network namespace; it should be 1"
+			return fd
+		}
 		st, seen, ev := f.kconfig("CONFIG_BPF_JIT")
 		fd.Status, fd.Evidence = Warn, ev
 		fd.Seen = "no net.core.bpf_jit_enable sysctl: kernel built without the JIT, programs run in the interpreter"

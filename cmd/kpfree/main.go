@@ -73,33 +73,66 @@ func newApp() *cli.App {
 		Version:              version.Get(),
 		HideVersion:          true,
 		EnableBashCompletion: true,
-		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "nodes", Aliases: []string{"n"}, Usage: "hosts inventory `FILE` (hosts.yaml)", EnvVars: []string{"KPFREE_NODES"}},
-			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Value: "table", Usage: "result format on stdout: table or json"},
-			&cli.IntFlag{Name: "concurrency", Value: 10, Usage: "hosts worked on at once"},
-			&cli.DurationFlag{Name: "timeout", Value: 30 * time.Minute, Usage: "give up on the whole command after this long"},
-			&cli.BoolFlag{Name: "dry-run", Usage: "print what would be done on each host, change nothing"},
-			&cli.BoolFlag{Name: "verbose", Aliases: []string{"v"}, Count: new(int), Usage: "more output on stderr (repeat for more)"},
-		},
-		Before: func(c *cli.Context) error {
-			if _, err := ui.ParseFormat(c.String("output")); err != nil {
-				return usageError{err}
-			}
-			if c.Int("concurrency") < 1 {
-				return usagef("--concurrency must be at least 1, got %d", c.Int("concurrency"))
-			}
-			if c.Duration("timeout") <= 0 {
-				return usagef("--timeout must be positive")
-			}
-			return nil
-		},
-		OnUsageError: func(c *cli.Context, err error, _ bool) error { return usageError{err} },
-		Commands: []*cli.Command{
+		Flags:                globalFlags(),
+		Before:               checkGlobalFlags,
+		OnUsageError:         func(c *cli.Context, err error, _ bool) error { return usageError{err} },
+		Commands: withGlobalFlags(
 			versionCommand(),
 			preflightCommand(),
-		},
+			labCommand(),
+		),
 		ExitErrHandler: func(*cli.Context, error) {}, // exit codes are decided in run
 	}
+}
+
+// globalFlags are accepted before and after the command name
+// (kpfree -o json preflight, kpfree preflight -o json).
+func globalFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "nodes", Aliases: []string{"n"}, Usage: "hosts inventory `FILE` (hosts.yaml)", EnvVars: []string{"KPFREE_NODES"}},
+		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Value: "table", Usage: "result format on stdout: table or json"},
+		&cli.IntFlag{Name: "concurrency", Value: 10, Usage: "hosts worked on at once"},
+		&cli.DurationFlag{Name: "timeout", Value: 30 * time.Minute, Usage: "give up on the whole command after this long"},
+		&cli.BoolFlag{Name: "dry-run", Usage: "print what would be done on each host, change nothing"},
+		&cli.BoolFlag{Name: "verbose", Aliases: []string{"v"}, Count: new(int), Usage: "more output on stderr (repeat for more)"},
+	}
+}
+
+// withGlobalFlags gives every command (and subcommand) the global flags and
+// makes its usage errors exit 2.
+func withGlobalFlags(cmds ...*cli.Command) []*cli.Command {
+	for _, c := range cmds {
+		if len(c.Subcommands) > 0 {
+			withGlobalFlags(c.Subcommands...)
+		} else {
+			c.Flags = append(c.Flags, globalFlags()...)
+			before := c.Before
+			c.Before = func(ctx *cli.Context) error {
+				if err := checkGlobalFlags(ctx); err != nil {
+					return err
+				}
+				if before != nil {
+					return before(ctx)
+				}
+				return nil
+			}
+		}
+		c.OnUsageError = func(_ *cli.Context, err error, _ bool) error { return usageError{err} }
+	}
+	return cmds
+}
+
+func checkGlobalFlags(c *cli.Context) error {
+	if _, err := ui.ParseFormat(globalString(c, "output")); err != nil {
+		return usageError{err}
+	}
+	if n := flagContext(c, "concurrency").Int("concurrency"); n < 1 {
+		return usagef("--concurrency must be at least 1, got %d", n)
+	}
+	if flagContext(c, "timeout").Duration("timeout") <= 0 {
+		return usagef("--timeout must be positive")
+	}
+	return nil
 }
 
 // env is what every command gets from the global flags.
@@ -112,14 +145,31 @@ type env struct {
 }
 
 func newEnv(c *cli.Context) *env {
-	f, _ := ui.ParseFormat(c.String("output"))
-	v := c.Count("verbose")
-	return &env{UI: ui.New(f, v), Format: f, Concurrency: c.Int("concurrency"), DryRun: c.Bool("dry-run"), Verbose: v}
+	f, _ := ui.ParseFormat(globalString(c, "output"))
+	v := flagContext(c, "verbose").Count("verbose")
+	return &env{UI: ui.New(f, v), Format: f, Concurrency: flagContext(c, "concurrency").Int("concurrency"),
+		DryRun: flagContext(c, "dry-run").Bool("dry-run"), Verbose: v}
 }
+
+// flagContext returns the nearest context in which a global flag was given:
+// the command's own (kpfree preflight -o json) or the app's (kpfree -o json
+// preflight). Without it, the command's default would hide the app's value.
+func flagContext(c *cli.Context, name string) *cli.Context {
+	for _, x := range c.Lineage() {
+		for _, n := range x.LocalFlagNames() {
+			if n == name {
+				return x
+			}
+		}
+	}
+	return c
+}
+
+func globalString(c *cli.Context, name string) string { return flagContext(c, name).String(name) }
 
 // withTimeout bounds a command by --timeout.
 func withTimeout(c *cli.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(c.Context, c.Duration("timeout"))
+	return context.WithTimeout(c.Context, flagContext(c, "timeout").Duration("timeout"))
 }
 
 func versionCommand() *cli.Command {

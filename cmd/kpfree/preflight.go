@@ -67,7 +67,7 @@ func preflightCommand() *cli.Command {
 
 // loadInventory reads --nodes; a missing flag or a bad file is a usage error.
 func loadInventory(c *cli.Context) (*inventory.Inventory, error) {
-	path := c.String("nodes")
+	path := globalString(c, "nodes")
 	if path == "" {
 		return nil, usagef("no inventory: pass --nodes hosts.yaml (see docs/inventory.md)")
 	}

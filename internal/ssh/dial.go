@@ -39,7 +39,9 @@ type Options struct {
 	// Logger receives per-host detail lines; nil means quiet.
 	Logger Logger
 	// Retries is how many times a failed connection attempt is repeated
-	// (refused, unreachable, timed out, dropped during the handshake).
+	// (refused, SSH handshake timed out or dropped). A TCP connect that
+	// times out or finds no route is not retried: a dead host costs one
+	// ConnectTimeout.
 	// 0 means DefaultRetries, negative means no retry. Authentication,
 	// host key and identity file failures are never retried.
 	Retries int
@@ -384,8 +386,12 @@ func (d *dialer) attempt(ctx context.Context, t inventory.Target, addr string, v
 		case ctx.Err() != nil:
 			return nil, final{ctx.Err()}
 		case actx.Err() != nil:
-			return nil, retryable{fmt.Errorf("TCP connect timed out after %s (connectTimeout)", t.ConnectTimeout)}
+			// Nothing answered for a whole connectTimeout: the host is down
+			// or filtered. Not retried, so a dead host costs one timeout.
+			return nil, final{fmt.Errorf("TCP connect timed out after %s (connectTimeout): host down or port filtered", t.ConnectTimeout)}
 		case errors.As(err, &dnsErr) && dnsErr.IsNotFound:
+			return nil, final{err}
+		case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
 			return nil, final{err}
 		}
 		return nil, retryable{err}
