@@ -12,6 +12,10 @@ PKGS := ./...
 
 all: build
 
+## k8s-binaries: Kubernetes v1.34.4 + etcd + CoreDNS + agnhost from the Go module proxy, cached in ~/.cache/kpfree
+k8s-binaries:
+	test/k8s/build.sh
+
 ## build: the kpfree CLI and the agent into ./bin
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/kpfree ./cmd/kpfree
@@ -28,11 +32,11 @@ test-unit:
 	$(GO) test -short -count=1 $(PKGS)
 
 ## test-integration: root; netns lab nodes with real sshd, BPF, apiserver
-test-integration: build
+test-integration: build k8s-binaries
 	KPFREE_BIN=$(CURDIR)/$(BIN)/kpfree $(GO) test -count=1 -p 1 -timeout 30m -run 'Integration' $(PKGS)
 
 ## test-e2e: kubeadm + kubelet + containerd on lab nodes
-test-e2e: build
+test-e2e: build k8s-binaries
 	KPFREE_BIN=$(CURDIR)/$(BIN)/kpfree $(GO) test -count=1 -p 1 -timeout 60m -run 'E2E' $(PKGS)
 
 ## generate: regenerate bpf2go objects and other generated files

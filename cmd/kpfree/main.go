@@ -105,7 +105,13 @@ func withGlobalFlags(cmds ...*cli.Command) []*cli.Command {
 		if len(c.Subcommands) > 0 {
 			withGlobalFlags(c.Subcommands...)
 		} else {
-			c.Flags = append(c.Flags, globalFlags()...)
+			// A command's own flag wins over a global one of the same name
+			// (lab up --nodes N counts nodes; elsewhere --nodes is a file).
+			for _, g := range globalFlags() {
+				if !hasFlag(c.Flags, g.Names()[0]) {
+					c.Flags = append(c.Flags, g)
+				}
+			}
 			before := c.Before
 			c.Before = func(ctx *cli.Context) error {
 				if err := checkGlobalFlags(ctx); err != nil {
@@ -120,6 +126,17 @@ func withGlobalFlags(cmds ...*cli.Command) []*cli.Command {
 		c.OnUsageError = func(_ *cli.Context, err error, _ bool) error { return usageError{err} }
 	}
 	return cmds
+}
+
+func hasFlag(flags []cli.Flag, name string) bool {
+	for _, f := range flags {
+		for _, n := range f.Names() {
+			if n == name {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func checkGlobalFlags(c *cli.Context) error {

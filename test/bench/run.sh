@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# make bench: every benchmark, each measuring against a baseline taken in the
+# same run (these machines are noisy). Results as JSON under _out/bench/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p _out/bench
+echo "== preflight: 1 vs 20 lab nodes"
+go run ./test/bench/preflight --kpfree bin/kpfree --nodes 20 --rounds 5 --out _out/bench/preflight.json
