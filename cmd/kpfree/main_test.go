@@ -62,7 +62,7 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"kpfree", "version", "-o", "yaml"}, exitUsage},
 		{[]string{"kpfree", "-o", "yaml", "version"}, exitUsage},
 		{[]string{"kpfree", "preflight", "--concurrency", "0", "--local"}, exitUsage},
-		{[]string{"kpfree", "preflight"}, exitUsage},                                      // no --nodes
+		{[]string{"kpfree", "preflight"}, exitUsage},                                       // no --nodes
 		{[]string{"kpfree", "preflight", "--nodes", "/nonexistent/hosts.yaml"}, exitUsage}, // unreadable
 		{[]string{"kpfree", "preflight", "--local", "--role", "boss"}, exitUsage},
 		{[]string{"kpfree", "lab", "up", "--nodes", "0"}, exitUsage},

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io/fs"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -78,28 +77,21 @@ func loadInventory(c *cli.Context) (*inventory.Inventory, error) {
 	return inv, nil
 }
 
-// connectAll opens SSH sessions to every host in parallel. A host that
-// cannot be reached gets an executor that reports the connection error, so
-// every other host is still checked and the report names the dead ones.
-func connectAll(ctx context.Context, e *env, inv *inventory.Inventory) ([]preflight.Host, func()) {
+// connectAll gives every host an executor that connects on first use, so
+// each host is connected to and checked in one go: a dead host costs its own
+// connect timeout and delays nobody else, and its error becomes its finding.
+func connectAll(_ context.Context, e *env, inv *inventory.Inventory) ([]preflight.Host, func()) {
+	d := ssh.NewDialer(ssh.Options{Logger: hostLogger(e), Concurrency: e.Concurrency})
 	targets := inv.Targets()
-	st := e.UI.Start(fmt.Sprintf("Connecting to %d hosts", len(targets)))
-	clients, err := ssh.DialAll(ctx, targets, ssh.Options{Logger: hostLogger(e), Concurrency: e.Concurrency})
-	st.End(nil)
-	if err != nil {
-		e.UI.Warnf("%v", err)
-	}
 	hosts := make([]preflight.Host, 0, len(targets))
 	for _, t := range targets {
-		var ex ssh.Executor
-		if cl, ok := clients[t.Name]; ok {
-			ex = cl
-		} else {
-			ex = unreachable{name: t.Name, err: hostErr(err, t.Name)}
-		}
-		hosts = append(hosts, preflight.Host{Exec: ex, Role: t.Role})
+		hosts = append(hosts, preflight.Host{Exec: d.Lazy(t), Role: t.Role})
 	}
-	return hosts, func() { ssh.CloseAll(clients) }
+	return hosts, func() {
+		for _, h := range hosts {
+			h.Exec.Close()
+		}
+	}
 }
 
 func hostLogger(e *env) ssh.Logger {
@@ -108,31 +100,6 @@ func hostLogger(e *env) ssh.Logger {
 	}
 	return func(host, line string) { e.UI.HostLine(host, line) }
 }
-
-func hostErr(err error, host string) error {
-	if me, ok := err.(*ssh.MultiError); ok {
-		if he := me.Errors()[host]; he != nil {
-			return he
-		}
-	}
-	if err == nil {
-		err = fmt.Errorf("not connected")
-	}
-	return err
-}
-
-// unreachable is an Executor for a host that could not be connected to.
-type unreachable struct {
-	name string
-	err  error
-}
-
-func (u unreachable) Name() string { return u.name }
-func (u unreachable) Run(context.Context, string) (ssh.Result, error) {
-	return ssh.Result{}, u.err
-}
-func (u unreachable) Upload(context.Context, []byte, string, fs.FileMode) error { return u.err }
-func (u unreachable) Close() error                                              { return nil }
 
 func writePreflight(e *env, rep preflight.Report) error {
 	if e.Format == ui.JSON {
