@@ -8,13 +8,17 @@ LDFLAGS := -s -w -X github.com/kpfree/kpfree/internal/version.Version=$(VERSION)
 BIN := bin
 PKGS := ./...
 
-.PHONY: all build deps test test-unit test-integration test-e2e generate verify lint demo bench clean k8s-binaries
+.PHONY: all build images deps test test-unit test-integration test-e2e generate verify lint demo bench clean k8s-binaries
 
 all: build
 
 ## k8s-binaries: Kubernetes v1.34.4 + etcd + CoreDNS + agnhost from the Go module proxy, cached in ~/.cache/kpfree
 k8s-binaries:
 	test/k8s/build.sh
+
+## images: the image set kubeadm wants (built from the binaries above), for lab nodes
+images: k8s-binaries
+	$(GO) run ./test/images --out $${KPFREE_CACHE:-$$HOME/.cache/kpfree}/images/k8s-v1.34.4.tar
 
 ## build: the kpfree CLI and the agent into ./bin
 build:
