@@ -8,7 +8,7 @@ LDFLAGS := -s -w -X github.com/kpfree/kpfree/internal/version.Version=$(VERSION)
 BIN := bin
 PKGS := ./...
 
-.PHONY: all build images deps test test-unit test-integration test-e2e generate verify lint demo bench clean k8s-binaries
+.PHONY: all build images deps test test-unit test-integration test-kernels test-e2e generate verify lint demo bench clean k8s-binaries
 
 all: build
 
@@ -29,7 +29,7 @@ deps:
 	hack/install-deps.sh
 
 ## test: everything CI runs
-test: deps verify test-unit test-integration test-e2e
+test: deps verify test-unit test-integration test-kernels test-e2e
 
 ## test-unit: pure logic, no root, seconds
 test-unit:
@@ -42,6 +42,16 @@ test-integration: build k8s-binaries
 ## test-e2e: kubeadm + kubelet + containerd on lab nodes
 test-e2e: build k8s-binaries
 	KPFREE_BIN=$(CURDIR)/$(BIN)/kpfree $(GO) test -count=1 -p 1 -timeout 60m -run 'E2E' $(PKGS)
+
+## test-kernels: the datapath tests inside Debian's 5.10 and 6.1 kernels under qemu
+KERNELS ?= default
+KERNEL_TIMEOUT ?= 8m
+KERNEL_TESTFLAGS ?= -test.count=1
+test-kernels:
+	rm -rf $(BIN)/kernel-tests && mkdir -p $(BIN)/kernel-tests
+	CGO_ENABLED=0 $(GO) test -c -o $(BIN)/kernel-tests/ ./bpf/... ./agent/lbmap/... ./test/kernels/smoke
+	test/kernels/fetch.sh $(KERNELS)
+	test/kernels/run.sh $(KERNELS) -timeout $(KERNEL_TIMEOUT) -log-dir $(BIN)/kernel-tests/logs $(BIN)/kernel-tests/*.test -- $(KERNEL_TESTFLAGS)
 
 ## generate: regenerate bpf2go objects and other generated files
 generate:

@@ -12,6 +12,8 @@ pkgs=(
   socat apache2-utils curl
   # BPF toolchain (bpf2go)
   clang llvm libbpf-dev bpftool
+  # kernel matrix (make test-kernels)
+  qemu-system-x86 busybox-static
   # misc
   git make ca-certificates time
 )
