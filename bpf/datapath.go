@@ -10,7 +10,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 )
 
@@ -146,8 +145,8 @@ func Load(opts Options) (_ *Datapath, err error) {
 	if opts.PinDir == "" || opts.CgroupPath == "" {
 		return nil, errors.New("bpf: PinDir and CgroupPath are required")
 	}
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return nil, fmt.Errorf("bpf: remove memlock limit: %w", err)
+	if err := RemoveMemlock(); err != nil {
+		return nil, err
 	}
 	if err := checkFS(opts.PinDir, bpffsMagic, "bpffs"); err != nil {
 		return nil, err
@@ -213,7 +212,7 @@ func Load(opts Options) (_ *Datapath, err error) {
 		}
 	}()
 
-	d.coll, err = ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+	d.coll, err = newCollection(spec, ebpf.CollectionOptions{
 		Maps: ebpf.MapOptions{PinPath: filepath.Join(d.dir, "maps")},
 	})
 	if err != nil {
@@ -570,7 +569,7 @@ func ProgramNames() []string {
 // NewMaps creates the datapath's maps, unpinned and without programs: for
 // tests and tools that exercise the maps alone. Close them when done.
 func NewMaps(sizes MapSizes) (MapSet, error) {
-	if err := rlimit.RemoveMemlock(); err != nil {
+	if err := RemoveMemlock(); err != nil {
 		return MapSet{}, err
 	}
 	spec, err := Spec(sizes)

@@ -3,11 +3,11 @@
 package bpf_test
 
 // Test harness for the integration tier: a private bpffs, a child cgroup2
-// directory, a private network namespace with only loopback (so an
-// untranslated VIP fails at once with ENETUNREACH and nothing leaves the
-// machine), echo servers inside it, and client processes: the test binary
-// re-executed in client mode, moved into the cgroup (or not) before it opens
-// a socket.
+// directory (or, inside the kernel-matrix VM only, the cgroup2 root), a
+// private network namespace with only loopback (so an untranslated VIP fails
+// at once with ENETUNREACH and nothing leaves the machine), echo servers
+// inside it, and client processes: the test binary re-executed in client
+// mode, moved into the cgroup (or not) before it opens a socket.
 
 import (
 	"bufio"
@@ -32,6 +32,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kpfree/kpfree/bpf"
 )
 
 const envClient = "KPFREE_SOCKLB_TEST_CLIENT"
@@ -57,19 +59,28 @@ func requireRoot(t *testing.T) {
 type env struct {
 	t      *testing.T
 	pinDir string // private bpffs mount
-	cgroup string // child cgroup2 directory
+	cgroup string // child cgroup2 directory, or the cgroup2 root (atRoot)
+	atRoot bool   // only inside the kernel-matrix VM (KPFREE_IN_VM=1)
 	netns  *os.File
 
 	uninstallSet bool
 }
 
-func newEnv(t *testing.T) *env {
+// newEnv gives the test a child cgroup of its own.
+func newEnv(t *testing.T) *env { return newEnvAt(t, false) }
+
+// newRootEnv attaches at the cgroup2 root, which rewrites every connection of
+// the machine: only inside the kernel-matrix VM (KPFREE_IN_VM=1). Anywhere
+// else it is newEnv: a child cgroup.
+func newRootEnv(t *testing.T) *env { return newEnvAt(t, bpf.InVM()) }
+
+func newEnvAt(t *testing.T, atRoot bool) *env {
 	requireRoot(t)
-	root, err := cgroup2Root()
+	root, err := bpf.Cgroup2Mount()
 	if err != nil {
 		t.Skipf("integration test: %v", err)
 	}
-	e := &env{t: t}
+	e := &env{t: t, atRoot: atRoot}
 
 	e.pinDir = t.TempDir()
 	if err := unix.Mount("bpf", e.pinDir, "bpf", 0, ""); err != nil {
@@ -81,24 +92,18 @@ func newEnv(t *testing.T) *env {
 		}
 	})
 
-	var rnd [4]byte
-	_, _ = rand.Read(rnd[:])
-	e.cgroup = filepath.Join(root, "kpfree-test-"+hex.EncodeToString(rnd[:]))
-	if err := os.Mkdir(e.cgroup, 0o755); err != nil {
-		t.Fatalf("create cgroup: %v", err)
-	}
-	t.Cleanup(func() {
-		// Client processes have exited; the kernel may take a moment to
-		// notice. Bounded retries.
-		var err error
-		for range 50 {
-			if err = os.Remove(e.cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
+	if atRoot {
+		if !bpf.InVM() {
+			t.Fatal("attaching at the cgroup2 root outside the kernel-matrix VM")
 		}
-		t.Errorf("remove cgroup %s: %v", e.cgroup, err)
-	})
+		if !bpf.IsCgroup2Root(root) {
+			t.Fatalf("%s is not a cgroup2 root", root)
+		}
+		e.cgroup = root
+		t.Logf("KPFREE_IN_VM=1: attaching at the cgroup2 root %s", root)
+	} else {
+		e.cgroup = e.newCgroup(root, "kpfree-test-")
+	}
 
 	e.netns, err = newNetns()
 	if err != nil {
@@ -108,6 +113,34 @@ func newEnv(t *testing.T) *env {
 	return e
 }
 
+// newCgroup creates a cgroup2 directory under parent, removed at cleanup.
+func (e *env) newCgroup(parent, prefix string) string {
+	e.t.Helper()
+	var rnd [4]byte
+	_, _ = rand.Read(rnd[:])
+	dir := filepath.Join(parent, prefix+hex.EncodeToString(rnd[:]))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		e.t.Fatalf("create cgroup: %v", err)
+	}
+	e.t.Cleanup(func() {
+		// Client processes have exited; the kernel may take a moment to
+		// notice. Bounded retries.
+		var err error
+		for range 50 {
+			if err = os.Remove(dir); err == nil || errors.Is(err, os.ErrNotExist) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		e.t.Errorf("remove cgroup %s: %v", dir, err)
+	})
+	return dir
+}
+
+// subCgroup creates a descendant of the env's cgroup: programs attached with
+// BPF_F_ALLOW_MULTI (and links) apply to it too.
+func (e *env) subCgroup() string { return e.newCgroup(e.cgroup, "sub-") }
+
 func readDirNames(dir string) ([]string, error) {
 	entries, err := os.ReadDir(dir)
 	var names []string
@@ -115,32 +148,6 @@ func readDirNames(dir string) ([]string, error) {
 		names = append(names, e.Name())
 	}
 	return names, err
-}
-
-// cgroup2Root finds the cgroup2 mount (the unified hierarchy on hybrid hosts).
-func cgroup2Root() (string, error) {
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return "", err
-	}
-	var found []string
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		for i, x := range f {
-			if x == "-" && i+1 < len(f) && f[i+1] == "cgroup2" && len(f) > 4 {
-				found = append(found, f[4])
-			}
-		}
-	}
-	for _, p := range found {
-		if p == "/sys/fs/cgroup/unified" {
-			return p, nil
-		}
-	}
-	if len(found) > 0 {
-		return found[0], nil
-	}
-	return "", errors.New("no cgroup2 mount")
 }
 
 // inNetns runs fn on a thread moved into ns. The thread is locked and never
@@ -262,11 +269,14 @@ type clientReq struct {
 }
 
 type attempt struct {
-	Reply  string  // the backend's name, "" on failure
-	Peer   string  // getpeername (tcp, udpconn) or the reply's source (udp)
-	Errno  string  // e.g. ECONNREFUSED; "" on success
-	Err    string  // full error text
-	Millis float64 // duration of the failing or succeeding call
+	Reply string // the backend's name, "" on failure
+	Peer  string // getpeername (tcp, udpconn) or the reply's source (udp)
+	Errno string // e.g. ECONNREFUSED; "" on success
+	Err   string // full error text
+	// Millis runs from the call the programs intercept (connect, sendmsg)
+	// to its failure, or to the reply: socket setup is left out, so a
+	// stall of a slow (qemu TCG) machine is less likely to land in it.
+	Millis float64
 }
 
 type clientResult struct {
@@ -284,6 +294,19 @@ type clientProc struct {
 }
 
 func (e *env) startClient(req clientReq, inCgroup bool) *clientProc {
+	e.t.Helper()
+	switch {
+	case inCgroup:
+		return e.startClientIn(req, e.cgroup)
+	case e.atRoot:
+		e.t.Fatal("attached at the cgroup2 root: no process is outside it")
+	}
+	return e.startClientIn(req, "")
+}
+
+// startClientIn starts a client moved into cgroup dir ("": left where the
+// test binary is).
+func (e *env) startClientIn(req clientReq, dir string) *clientProc {
 	e.t.Helper()
 	js, _ := json.Marshal(req)
 	exe, err := os.Executable()
@@ -306,9 +329,9 @@ func (e *env) startClient(req clientReq, inCgroup bool) *clientProc {
 			_ = p.cmd.Wait()
 		}
 	})
-	if inCgroup {
+	if dir != "" {
 		pid := strconv.Itoa(p.cmd.Process.Pid)
-		if err := os.WriteFile(filepath.Join(e.cgroup, "cgroup.procs"), []byte(pid), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(pid), 0o644); err != nil {
 			e.t.Fatalf("move client into cgroup: %v", err)
 		}
 	}
@@ -336,6 +359,77 @@ func (p *clientProc) wait(t *testing.T) clientResult {
 func (e *env) run(req clientReq, inCgroup bool) []attempt {
 	e.t.Helper()
 	return e.startClient(req, inCgroup).wait(e.t).Attempts
+}
+
+// runIn runs a client in cgroup dir.
+func (e *env) runIn(req clientReq, dir string) []attempt {
+	e.t.Helper()
+	return e.startClientIn(req, dir).wait(e.t).Attempts
+}
+
+// sent counts, in the env's netns, what a connect() or sendmsg() lets out:
+// SYNs (Tcp ActiveOpens, both families: tcp_connect() counts each) and UDP
+// datagrams (Udp OutDatagrams, Udp6OutDatagrams). Nothing else in the netns
+// opens connections or sends unsolicited datagrams.
+type sent struct{ SYNs, UDP4, UDP6 uint64 }
+
+func (e *env) sent() sent {
+	e.t.Helper()
+	var s sent
+	err := inNetns(e.netns, func() error {
+		snmp, err := os.ReadFile("/proc/thread-self/net/snmp")
+		if err != nil {
+			return err
+		}
+		snmp6, err := os.ReadFile("/proc/thread-self/net/snmp6")
+		if err != nil {
+			return err
+		}
+		var errs []error
+		for _, c := range []struct {
+			dst        *uint64
+			data       []byte
+			group, key string
+		}{
+			{&s.SYNs, snmp, "Tcp:", "ActiveOpens"},
+			{&s.UDP4, snmp, "Udp:", "OutDatagrams"},
+			{&s.UDP6, snmp6, "", "Udp6OutDatagrams"},
+		} {
+			var err error
+			*c.dst, err = snmpCounter(string(c.data), c.group, c.key)
+			errs = append(errs, err)
+		}
+		return errors.Join(errs...)
+	})
+	if err != nil {
+		e.t.Fatalf("netns counters: %v", err)
+	}
+	return s
+}
+
+// snmpCounter reads key from /proc/net/snmp (group "Tcp:": a header line of
+// names, then a line of values) or, with group "", /proc/net/snmp6 (one
+// "name value" per line).
+func snmpCounter(data, group, key string) (uint64, error) {
+	var names []string
+	for _, line := range strings.Split(data, "\n") {
+		f := strings.Fields(line)
+		switch {
+		case group == "" && len(f) == 2 && f[0] == key:
+			return strconv.ParseUint(f[1], 10, 64)
+		case group == "" || len(f) == 0 || f[0] != group:
+		case names == nil:
+			names = f
+		default:
+			for i, n := range names {
+				if n == key && i < len(f) {
+					return strconv.ParseUint(f[i], 10, 64)
+				}
+			}
+			return 0, fmt.Errorf("%s %s: no such counter", group, key)
+		}
+	}
+	return 0, fmt.Errorf("%s %s: not found", group, key)
 }
 
 // ---- client mode (runs in the child process) ----
@@ -444,10 +538,20 @@ func sockaddrString(sa unix.Sockaddr) string {
 	return fmt.Sprintf("%v", sa)
 }
 
+// atConnect is a net.Dialer that sets *t0 right before connect() (Control
+// runs after socket() and the socket options).
+func atConnect(timeout time.Duration, t0 *time.Time) *net.Dialer {
+	*t0 = time.Now()
+	return &net.Dialer{Timeout: timeout, Control: func(string, string, syscall.RawConn) error {
+		*t0 = time.Now()
+		return nil
+	}}
+}
+
 func tcpAttempt(req clientReq) attempt {
 	var a attempt
-	t0 := time.Now()
-	c, err := net.DialTimeout("tcp", req.Addr, req.Timeout)
+	var t0 time.Time
+	c, err := atConnect(req.Timeout, &t0).Dial("tcp", req.Addr)
 	if err != nil {
 		return failed(a, err, t0)
 	}
@@ -477,6 +581,7 @@ func tcp6RawAttempt(req clientReq) attempt {
 	tv := unix.NsecToTimeval(req.Timeout.Nanoseconds())
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
+	t0 = time.Now()
 	if err := unix.Connect(fd, &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}); err != nil {
 		return failed(a, err, t0)
 	}
@@ -510,6 +615,7 @@ func udpAttempt(req clientReq) attempt {
 		return failed(a, err, t0)
 	}
 	defer c.Close()
+	t0 = time.Now()
 	if _, err := c.WriteToUDP([]byte("ping"), dst); err != nil {
 		return failed(a, err, t0)
 	}
@@ -528,12 +634,12 @@ func udpAttempt(req clientReq) attempt {
 // udpConnAttempt uses a connected UDP socket and reports getpeername.
 func udpConnAttempt(req clientReq) attempt {
 	var a attempt
-	t0 := time.Now()
-	dst := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(req.Addr))
-	c, err := net.DialUDP(udpNetwork(req.Addr), nil, dst)
+	var t0 time.Time
+	nc, err := atConnect(req.Timeout, &t0).Dial(udpNetwork(req.Addr), req.Addr)
 	if err != nil {
 		return failed(a, err, t0)
 	}
+	c := nc.(*net.UDPConn)
 	defer c.Close()
 	a.Peer = peerOf(c)
 	if _, err := c.Write([]byte("ping")); err != nil {

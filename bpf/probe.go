@@ -184,6 +184,11 @@ var featureDefs = []featureDef{
 func Probe() (Report, error) {
 	var r Report
 	var errs []error
+	// Probes load programs and create maps: before 5.11 they count against
+	// RLIMIT_MEMLOCK (per uid), and an EPERM there would be inconclusive.
+	if err := RemoveMemlock(); err != nil {
+		errs = append(errs, err)
+	}
 	for _, d := range featureDefs {
 		err := d.probe()
 		switch {

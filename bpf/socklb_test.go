@@ -6,7 +6,9 @@ import (
 	"errors"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -27,7 +29,7 @@ var (
 // uninstalls everything (once, whatever the test reloaded).
 func (e *env) load(opts bpf.Options) *bpf.Datapath {
 	e.t.Helper()
-	opts.PinDir, opts.CgroupPath = e.pinDir, e.cgroup
+	opts.PinDir, opts.CgroupPath, opts.AllowRootCgroup = e.pinDir, e.cgroup, e.atRoot
 	dp, err := bpf.Load(opts)
 	if err != nil {
 		e.t.Fatalf("load: %v", err)
@@ -45,6 +47,103 @@ func (e *env) load(opts bpf.Options) *bpf.Datapath {
 		e.t.Logf("load warning: %s", w)
 	}
 	return dp
+}
+
+// probe runs bpf.Probe; the tests derive what to expect from it, not from
+// the kernel version.
+func probe(t *testing.T) bpf.Report {
+	t.Helper()
+	r, err := bpf.Probe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// requireAsProbed checks that the loader did what the probe (or opts.Report)
+// implies: the same report; bpf_link mode unless forced or unavailable; every
+// degraded feature either emulated (a helper) or the reason of a skipped
+// program, and nothing else emulated or skipped. It returns the report.
+func requireAsProbed(t *testing.T, dp *bpf.Datapath, opts bpf.Options) bpf.Report {
+	t.Helper()
+	var r bpf.Report
+	if opts.Report != nil {
+		r = *opts.Report
+	} else {
+		r = probe(t)
+	}
+	if !slices.Equal(dp.Report.Features, r.Features) {
+		t.Fatalf("loader's report differs from the probe:\n%s\nvs\n%s", dp.Report, r)
+	}
+	wantMode := bpf.AttachLink
+	if opts.ForceProgAttach || !r.Has(bpf.FeatCgroupLink) {
+		wantMode = bpf.AttachProgAttach
+	}
+	if dp.Mode != wantMode {
+		t.Fatalf("attach mode %s, want %s", dp.Mode, wantMode)
+	}
+	accounted := map[bpf.Feature]bool{}
+	for _, f := range dp.Emulated {
+		accounted[f] = true
+	}
+	for prog, why := range dp.Skipped {
+		found := false
+		for _, f := range r.Degraded() {
+			if strings.HasPrefix(why, string(f.Feature)+" ") {
+				accounted[f.Feature], found = true, true
+			}
+		}
+		if !found {
+			t.Fatalf("%s skipped for no degraded feature: %s", prog, why)
+		}
+	}
+	for f := range accounted {
+		if r.Has(f) {
+			t.Fatalf("%s emulated or skipped although the probe found it", f)
+		}
+	}
+	for _, f := range r.Degraded() {
+		if f.Feature != bpf.FeatCgroupLink && !accounted[f.Feature] {
+			t.Fatalf("degraded %s neither emulated nor skipped", f.Feature)
+		}
+	}
+	if len(dp.Attached)+len(dp.Skipped) != len(bpf.ProgramNames()) {
+		t.Fatalf("attached %v + skipped %v != %v", dp.Attached, dp.Skipped, bpf.ProgramNames())
+	}
+	t.Logf("as probed: mode %s, emulated %v, skipped %v", dp.Mode, dp.Emulated, dp.Skipped)
+	return r
+}
+
+// requirePins checks the pins of the attach mode: prog-attach pins each
+// attached program under progs/ and no link; bpf_link the reverse.
+func (e *env) requirePins(dp *bpf.Datapath) {
+	e.t.Helper()
+	dir := filepath.Join(e.pinDir, bpf.PinVersion)
+	progs, _ := readDirNames(filepath.Join(dir, "progs"))
+	links, _ := readDirNames(filepath.Join(dir, "links"))
+	want, none := &progs, links
+	if dp.Mode == bpf.AttachLink {
+		want, none = &links, progs
+	}
+	slices.Sort(*want)
+	attached := slices.Sorted(slices.Values(dp.Attached))
+	if !slices.Equal(*want, attached) || len(none) != 0 {
+		e.t.Fatalf("%s mode: pinned progs %v, links %v; attached %v", dp.Mode, progs, links, dp.Attached)
+	}
+}
+
+// attachModes: the default (bpf_link where the kernel has it, 5.7+) and the
+// BPF_PROG_ATTACH path 4.19 needs, forced, so every kernel of the matrix
+// translates real connections through both.
+var attachModes = []struct {
+	name  string
+	force bool
+}{{"default", false}, {"force_prog_attach", true}}
+
+func forEachAttachMode(t *testing.T, fn func(t *testing.T, opts bpf.Options)) {
+	for _, m := range attachModes {
+		t.Run(m.name, func(t *testing.T) { fn(t, bpf.Options{ForceProgAttach: m.force}) })
+	}
 }
 
 func mustMaps(t *testing.T, dp *bpf.Datapath) *lbmap.Table {
@@ -92,6 +191,27 @@ func requirePeer(t *testing.T, as []attempt, want string) {
 	}
 }
 
+// requirePeerVIP checks the peer a translated socket reports: the VIP, where
+// the getpeername hook of the socket's family is attached (5.8+), else the
+// backend (documented). For unconnected UDP ("udp") it is the reply's source,
+// which recvmsg (mandatory) always rewrites to the VIP.
+func requirePeerVIP(t *testing.T, dp *bpf.Datapath, op string, as []attempt, vip string) {
+	t.Helper()
+	hook := "kpf_getpeer4"
+	if op == "tcp6raw" || netip.MustParseAddrPort(vip).Addr().Is6() {
+		hook = "kpf_getpeer6"
+	}
+	if op == "udp" || slices.Contains(dp.Attached, hook) {
+		requirePeer(t, as, vip)
+		return
+	}
+	for i, a := range as {
+		if a.Peer == vip || a.Peer == "" {
+			t.Fatalf("attempt %d: peer %q, want a backend (%s not attached)", i, a.Peer, hook)
+		}
+	}
+}
+
 func requireFastErrno(t *testing.T, as []attempt, errno string) {
 	t.Helper()
 	worst := 0.0
@@ -108,111 +228,162 @@ func requireFastErrno(t *testing.T, as []attempt, errno string) {
 }
 
 func TestIntegrationTCPv4(t *testing.T) {
-	e := newEnv(t)
-	a := e.tcpServer("A", "127.0.0.1:0")
-	b := e.tcpServer("B", "127.0.0.2:0")
-	dp := e.load(bpf.Options{})
-	if len(dp.Skipped) > 0 || len(dp.Emulated) > 0 || dp.Mode != bpf.AttachLink {
-		t.Fatalf("on this kernel nothing should be skipped or emulated: %+v %v %s", dp.Skipped, dp.Emulated, dp.Mode)
-	}
-	m := mustMaps(t, dp)
-	upsert(t, m, svc(vip4, lbmap.TCP, a, b))
+	forEachAttachMode(t, func(t *testing.T, opts bpf.Options) {
+		e := newEnv(t)
+		a := e.tcpServer("A", "127.0.0.1:0")
+		b := e.tcpServer("B", "127.0.0.2:0")
+		dp := e.load(opts)
+		requireAsProbed(t, dp, opts)
+		e.requirePins(dp)
+		m := mustMaps(t, dp)
+		upsert(t, m, svc(vip4, lbmap.TCP, a, b))
 
-	as := e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 40}, true)
-	requireAllOK(t, as)
-	requireBoth(t, as, "A", "B")
-	requirePeer(t, as, vip4.String()) // getpeername reports the VIP
+		as := e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 40}, true)
+		requireAllOK(t, as)
+		requireBoth(t, as, "A", "B")
+		requirePeerVIP(t, dp, "tcp", as, vip4.String()) // getpeername reports the VIP
 
-	// A process outside the cgroup is not translated: in this netns the VIP
-	// has no route.
-	out := e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 3}, false)
-	requireFastErrno(t, out, "ENETUNREACH")
-	// ...while the backends themselves stay reachable for it.
-	requireAllOK(t, e.run(clientReq{Op: "tcp", Addr: a.String(), N: 1}, false))
+		// A process outside the cgroup is not translated: in this netns the
+		// VIP has no route.
+		out := e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 3}, false)
+		requireFastErrno(t, out, "ENETUNREACH")
+		// ...while the backends themselves stay reachable for it.
+		requireAllOK(t, e.run(clientReq{Op: "tcp", Addr: a.String(), N: 1}, false))
 
-	// Another port on the VIP is not a Service: left alone.
-	requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: "10.96.0.10:81", N: 1}, true), "ENETUNREACH")
+		// Another port on the VIP is not a Service: left alone.
+		requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: "10.96.0.10:81", N: 1}, true), "ENETUNREACH")
+	})
 }
 
 func TestIntegrationUDPv4(t *testing.T) {
-	e := newEnv(t)
-	a := e.udpServer("A", "127.0.0.1:0")
-	b := e.udpServer("B", "127.0.0.2:0")
-	m := mustMaps(t, e.load(bpf.Options{}))
-	dns := netip.MustParseAddrPort("10.96.0.10:53")
-	upsert(t, m, svc(dns, lbmap.UDP, a, b))
+	forEachAttachMode(t, func(t *testing.T, opts bpf.Options) {
+		e := newEnv(t)
+		a := e.udpServer("A", "127.0.0.1:0")
+		b := e.udpServer("B", "127.0.0.2:0")
+		dp := e.load(opts)
+		requireAsProbed(t, dp, opts)
+		e.requirePins(dp)
+		m := mustMaps(t, dp)
+		dns := netip.MustParseAddrPort("10.96.0.10:53")
+		upsert(t, m, svc(dns, lbmap.UDP, a, b))
 
-	// Unconnected: sendmsg4 translates, recvmsg4 makes the reply come from the VIP.
-	as := e.run(clientReq{Op: "udp", Addr: dns.String(), N: 30}, true)
-	requireAllOK(t, as)
-	requireBoth(t, as, "A", "B")
-	requirePeer(t, as, dns.String())
+		// Unconnected: sendmsg4 translates, recvmsg4 makes the reply come from the VIP.
+		as := e.run(clientReq{Op: "udp", Addr: dns.String(), N: 30}, true)
+		requireAllOK(t, as)
+		requireBoth(t, as, "A", "B")
+		requirePeerVIP(t, dp, "udp", as, dns.String())
 
-	// Connected: connect4 translates, getpeername4 reports the VIP.
-	cs := e.run(clientReq{Op: "udpconn", Addr: dns.String(), N: 30}, true)
-	requireAllOK(t, cs)
-	requireBoth(t, cs, "A", "B")
-	requirePeer(t, cs, dns.String())
+		// Connected: connect4 translates, getpeername4 reports the VIP.
+		cs := e.run(clientReq{Op: "udpconn", Addr: dns.String(), N: 30}, true)
+		requireAllOK(t, cs)
+		requireBoth(t, cs, "A", "B")
+		requirePeerVIP(t, dp, "udpconn", cs, dns.String())
 
-	// The TCP port of the same address is another Service (none here).
-	requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: "10.96.0.10:53", N: 1}, true), "ENETUNREACH")
+		// The TCP port of the same address is another Service (none here).
+		requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: "10.96.0.10:53", N: 1}, true), "ENETUNREACH")
+	})
 }
 
 func TestIntegrationIPv6(t *testing.T) {
-	e := newEnv(t)
-	a := e.tcpServer("A", "[::1]:0")
-	b := e.tcpServer("B", "[::1]:0")
-	ua := e.udpServer("A", "[::1]:0")
-	ub := e.udpServer("B", "[::1]:0")
-	a4 := e.tcpServer("A4", "127.0.0.1:0")
-	b4 := e.tcpServer("B4", "127.0.0.2:0")
-	m := mustMaps(t, e.load(bpf.Options{}))
-	dns6 := netip.AddrPortFrom(vip6.Addr(), 53)
-	upsert(t, m, svc(vip6, lbmap.TCP, a, b), svc(dns6, lbmap.UDP, ua, ub), svc(vip4, lbmap.TCP, a4, b4))
+	forEachAttachMode(t, func(t *testing.T, opts bpf.Options) {
+		e := newEnv(t)
+		a := e.tcpServer("A", "[::1]:0")
+		b := e.tcpServer("B", "[::1]:0")
+		ua := e.udpServer("A", "[::1]:0")
+		ub := e.udpServer("B", "[::1]:0")
+		a4 := e.tcpServer("A4", "127.0.0.1:0")
+		b4 := e.tcpServer("B4", "127.0.0.2:0")
+		dp := e.load(opts)
+		requireAsProbed(t, dp, opts)
+		m := mustMaps(t, dp)
+		dns6 := netip.AddrPortFrom(vip6.Addr(), 53)
+		upsert(t, m, svc(vip6, lbmap.TCP, a, b), svc(dns6, lbmap.UDP, ua, ub), svc(vip4, lbmap.TCP, a4, b4))
 
-	as := e.run(clientReq{Op: "tcp", Addr: vip6.String(), N: 40}, true)
-	requireAllOK(t, as)
-	requireBoth(t, as, "A", "B")
-	requirePeer(t, as, vip6.String())
+		as := e.run(clientReq{Op: "tcp", Addr: vip6.String(), N: 40}, true)
+		requireAllOK(t, as)
+		requireBoth(t, as, "A", "B")
+		requirePeerVIP(t, dp, "tcp", as, vip6.String())
 
-	us := e.run(clientReq{Op: "udp", Addr: dns6.String(), N: 30}, true)
-	requireAllOK(t, us)
-	requireBoth(t, us, "A", "B")
-	requirePeer(t, us, dns6.String())
+		us := e.run(clientReq{Op: "udp", Addr: dns6.String(), N: 30}, true)
+		requireAllOK(t, us)
+		requireBoth(t, us, "A", "B")
+		requirePeerVIP(t, dp, "udp", us, dns6.String())
 
-	cs := e.run(clientReq{Op: "udpconn", Addr: dns6.String(), N: 10}, true)
-	requireAllOK(t, cs)
-	requirePeer(t, cs, dns6.String())
+		cs := e.run(clientReq{Op: "udpconn", Addr: dns6.String(), N: 10}, true)
+		requireAllOK(t, cs)
+		requirePeerVIP(t, dp, "udpconn", cs, dns6.String())
 
-	// An AF_INET6 socket connecting to the IPv4-mapped VIP goes through
-	// connect6 and reaches the IPv4 Service.
-	mapped := "[::ffff:10.96.0.10]:80"
-	ms := e.run(clientReq{Op: "tcp6raw", Addr: mapped, N: 30}, true)
-	requireAllOK(t, ms)
-	requireBoth(t, ms, "A4", "B4")
-	requirePeer(t, ms, mapped)
+		// An AF_INET6 socket connecting to the IPv4-mapped VIP goes through
+		// connect6 and reaches the IPv4 Service.
+		mapped := "[::ffff:10.96.0.10]:80"
+		ms := e.run(clientReq{Op: "tcp6raw", Addr: mapped, N: 30}, true)
+		requireAllOK(t, ms)
+		requireBoth(t, ms, "A4", "B4")
+		requirePeerVIP(t, dp, "tcp6raw", ms, mapped)
 
-	requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: vip6.String(), N: 1}, false), "ENETUNREACH")
+		requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: vip6.String(), N: 1}, false), "ENETUNREACH")
+	})
 }
 
-// A Service with no backends refuses at once; a deleted Service is no
-// longer translated (and here, without a route, fails at once as well).
+// refusalErrno is what a Service without backends gives: ECONNREFUSED where
+// the programs can set it (bpf_set_retval, 5.18+), else the kernel's EPERM.
+func refusalErrno(r bpf.Report) string {
+	if r.Has(bpf.FeatHelperSetRetval) {
+		return "ECONNREFUSED"
+	}
+	return "EPERM"
+}
+
+// requireRefused runs req in the cgroup: every attempt must fail with errno
+// at once (< 100 ms) and nothing may leave: no SYN, no datagram.
+func (e *env) requireRefused(req clientReq, errno string) {
+	e.t.Helper()
+	before := e.sent()
+	as := e.run(req, true)
+	after := e.sent()
+	requireFastErrno(e.t, as, errno)
+	if after != before {
+		e.t.Fatalf("%s %s refused, yet sent: %+v before, %+v after", req.Op, req.Addr, before, after)
+	}
+}
+
+// A Service with no backends refuses at once, inside the syscall; a deleted
+// Service is no longer translated (and here, without a route, fails at once
+// as well).
 func TestIntegrationNoBackendsRefuses(t *testing.T) {
 	e := newEnv(t)
 	a := e.tcpServer("A", "127.0.0.1:0")
+	ua := e.udpServer("UA", "127.0.0.1:0")
 	dp := e.load(bpf.Options{})
+	r := requireAsProbed(t, dp, bpf.Options{})
 	m := mustMaps(t, dp)
 	dns := netip.MustParseAddrPort("10.96.0.10:53")
 	upsert(t, m, svc(vip4, lbmap.TCP), svc(dns, lbmap.UDP), svc(vip6, lbmap.TCP))
 
-	requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 5}, true), "ECONNREFUSED")
-	requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: vip6.String(), N: 5}, true), "ECONNREFUSED")
-	requireFastErrno(t, e.run(clientReq{Op: "udp", Addr: dns.String(), N: 5}, true), "ECONNREFUSED")
-	requireFastErrno(t, e.run(clientReq{Op: "udpconn", Addr: dns.String(), N: 5}, true), "ECONNREFUSED")
+	refuseAll := func(errno string) {
+		t.Helper()
+		for _, req := range []clientReq{
+			{Op: "tcp", Addr: vip4.String(), N: 5},
+			{Op: "tcp", Addr: vip6.String(), N: 5},
+			{Op: "udp", Addr: dns.String(), N: 5},
+			{Op: "udpconn", Addr: dns.String(), N: 5},
+		} {
+			e.requireRefused(req, errno)
+		}
+	}
+	want := refusalErrno(r)
+	t.Logf("bpf_set_retval available: %v: refusal is %s", r.Has(bpf.FeatHelperSetRetval), want)
+	refuseAll(want)
 
-	// Backends appear: served.
-	upsert(t, m, svc(vip4, lbmap.TCP, a))
+	// Backends appear: served. The counters see what was sent, so their
+	// standing still above means something.
+	before := e.sent()
+	upsert(t, m, svc(vip4, lbmap.TCP, a), svc(dns, lbmap.UDP, ua))
 	requireAllOK(t, e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 3}, true))
+	requireAllOK(t, e.run(clientReq{Op: "udp", Addr: dns.String(), N: 3}, true))
+	if after := e.sent(); after.SYNs < before.SYNs+3 || after.UDP4 < before.UDP4+3 {
+		t.Fatalf("3 connections and 3 datagrams served, counters %+v -> %+v", before, after)
+	}
 
 	// Deleted: not translated any more.
 	if err := m.Delete(svc(vip4, lbmap.TCP).Frontend); err != nil {
@@ -220,20 +391,18 @@ func TestIntegrationNoBackendsRefuses(t *testing.T) {
 	}
 	requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 5}, true), "ENETUNREACH")
 
-	// Kernels without bpf_set_retval (< 5.18): the same refusal is EPERM.
-	// Reloading over the pins also exercises the link update path.
-	r, err := bpf.Probe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Without bpf_set_retval (< 5.18, emulated here on newer kernels): the
+	// same refusal is EPERM. Reloading over the pins also exercises the link
+	// update path.
 	old := r.Without(bpf.FeatHelperSetRetval)
 	dp.Close()
 	dp = e.load(bpf.Options{Report: &old})
-	if len(dp.Emulated) != 1 || dp.Emulated[0] != bpf.FeatHelperSetRetval {
+	requireAsProbed(t, dp, bpf.Options{Report: &old})
+	if !slices.Contains(dp.Emulated, bpf.FeatHelperSetRetval) {
 		t.Fatalf("emulated %v", dp.Emulated)
 	}
-	requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: vip6.String(), N: 3}, true), "EPERM")
-	requireFastErrno(t, e.run(clientReq{Op: "udp", Addr: dns.String(), N: 3}, true), "EPERM")
+	upsert(t, mustMaps(t, dp), svc(vip4, lbmap.TCP), svc(dns, lbmap.UDP))
+	refuseAll("EPERM")
 }
 
 func monotonicNow(t *testing.T) uint64 {
@@ -293,8 +462,8 @@ func TestIntegrationAffinity(t *testing.T) {
 		t.Fatalf("second client: %v, want all %s", r, pinned)
 	}
 	key, val := onlyEntry(t, dp.Maps.Affinity)
-	if key.ClientCookie == 0 {
-		t.Fatal("affinity keyed without a netns cookie on a kernel that has one")
+	if hasCookie := dp.Report.Has(bpf.FeatHelperNetnsCook); (key.ClientCookie != 0) != hasCookie {
+		t.Fatalf("affinity key %+v, netns cookie available: %v", key, hasCookie)
 	}
 	if now := monotonicNow(t); now-val.LastUsed > uint64(5*time.Second) {
 		t.Fatalf("last_used %d not recent (now %d)", val.LastUsed, now)
@@ -349,11 +518,7 @@ func TestIntegrationAffinity(t *testing.T) {
 	}
 
 	// Without bpf_get_netns_cookie (< 5.7) affinity is per node: key 0.
-	r, err := bpf.Probe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	old := r.Without(bpf.FeatHelperNetnsCook)
+	old := probe(t).Without(bpf.FeatHelperNetnsCook)
 	dp.Close()
 	dp = e.load(bpf.Options{Report: &old})
 	s.Backends = []lbmap.Backend{{Addr: a.Addr(), Port: a.Port()}, {Addr: b.Addr(), Port: b.Port()}}
@@ -474,13 +639,9 @@ func TestIntegrationWithoutGetpeername(t *testing.T) {
 	a := e.tcpServer("A", "127.0.0.1:0")
 	dp := e.load(bpf.Options{})
 	upsert(t, mustMaps(t, dp), svc(vip4, lbmap.TCP, a))
-	requirePeer(t, e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 2}, true), vip4.String())
+	requirePeerVIP(t, dp, "tcp", e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 2}, true), vip4.String())
 
-	r, err := bpf.Probe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	old := r.Without(bpf.FeatGetpeername4, bpf.FeatGetpeername6)
+	old := probe(t).Without(bpf.FeatGetpeername4, bpf.FeatGetpeername6)
 	dp.Close()
 	dp = e.load(bpf.Options{Report: &old})
 	if len(dp.Skipped) != 2 || dp.Skipped["kpf_getpeer4"] == "" {
@@ -495,7 +656,7 @@ func TestIntegrationWithoutGetpeername(t *testing.T) {
 	dp.Close()
 	dp = e.load(bpf.Options{ForceProgAttach: true})
 	requireAttached(t, e.cgroup, 1)
-	requirePeer(t, e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 2}, true), vip4.String())
+	requirePeerVIP(t, dp, "tcp", e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 2}, true), vip4.String())
 }
 
 // Detach leaves nothing attached and no pins.
@@ -548,4 +709,148 @@ func TestIntegrationMoveCgroup(t *testing.T) {
 		t.Fatal(err)
 	}
 	requireAttached(t, second, 0)
+}
+
+// The BPF_PROG_ATTACH path (ForceProgAttach: what 4.19 needs) on every kernel,
+// where a throwaway VM allows it: at the cgroup2 root when KPFREE_IN_VM=1
+// (every process of the VM is translated), in a child cgroup anywhere else.
+// TCP and UDP of both families, clients in the cgroup and in a descendant
+// (BPF_F_ALLOW_MULTI programs apply to the subtree); Detach leaves it clean.
+func TestIntegrationProgAttachRoot(t *testing.T) {
+	e := newRootEnv(t)
+	a := e.tcpServer("A", "127.0.0.1:0")
+	b := e.tcpServer("B", "127.0.0.2:0")
+	a6 := e.tcpServer("A6", "[::1]:0")
+	ua := e.udpServer("UA", "127.0.0.1:0")
+	ub := e.udpServer("UB", "127.0.0.2:0")
+	ua6 := e.udpServer("UA6", "[::1]:0")
+	ub6 := e.udpServer("UB6", "[::1]:0")
+	opts := bpf.Options{ForceProgAttach: true}
+	dp := e.load(opts)
+	requireAsProbed(t, dp, opts)
+	e.requirePins(dp)
+	t.Logf("attached %v to %s (root: %v)", dp.Attached, e.cgroup, e.atRoot)
+
+	dns := netip.MustParseAddrPort("10.96.0.10:53")
+	dns6 := netip.AddrPortFrom(vip6.Addr(), 53)
+	upsert(t, mustMaps(t, dp), svc(vip4, lbmap.TCP, a, b), svc(vip6, lbmap.TCP, a6),
+		svc(dns, lbmap.UDP, ua, ub), svc(dns6, lbmap.UDP, ua6, ub6))
+
+	for _, dir := range []string{e.cgroup, e.subCgroup()} {
+		as := e.runIn(clientReq{Op: "tcp", Addr: vip4.String(), N: 20}, dir)
+		requireAllOK(t, as)
+		requireBoth(t, as, "A", "B")
+		requirePeerVIP(t, dp, "tcp", as, vip4.String())
+
+		as = e.runIn(clientReq{Op: "tcp", Addr: vip6.String(), N: 5}, dir)
+		requireAllOK(t, as)
+		requirePeerVIP(t, dp, "tcp", as, vip6.String())
+
+		us := e.runIn(clientReq{Op: "udp", Addr: dns.String(), N: 20}, dir)
+		requireAllOK(t, us)
+		requireBoth(t, us, "UA", "UB")
+		requirePeerVIP(t, dp, "udp", us, dns.String())
+
+		us = e.runIn(clientReq{Op: "udpconn", Addr: dns.String(), N: 10}, dir)
+		requireAllOK(t, us)
+		requirePeerVIP(t, dp, "udpconn", us, dns.String())
+
+		us = e.runIn(clientReq{Op: "udp", Addr: dns6.String(), N: 20}, dir)
+		requireAllOK(t, us)
+		requireBoth(t, us, "UA6", "UB6")
+		requirePeerVIP(t, dp, "udp", us, dns6.String())
+	}
+
+	if err := dp.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	requireAttached(t, e.cgroup, 0)
+	requireFastErrno(t, e.run(clientReq{Op: "tcp", Addr: vip4.String(), N: 1}, true), "ENETUNREACH")
+}
+
+// Every load path lifts RLIMIT_MEMLOCK itself where the kernel charges BPF
+// memory to it (< 5.11): each one runs under the old 64 KiB default, whatever
+// ran before it in this process.
+func TestIntegrationMemlock(t *testing.T) {
+	e := newEnv(t)
+	var orig unix.Rlimit
+	if err := unix.Prlimit(0, unix.RLIMIT_MEMLOCK, nil, &orig); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Prlimit(0, unix.RLIMIT_MEMLOCK, &orig, nil); err != nil {
+			t.Errorf("restore memlock limit: %v", err)
+		}
+	})
+	lower := func() {
+		t.Helper()
+		// The hard limit stays: raising it back needs CAP_SYS_RESOURCE.
+		low := unix.Rlimit{Cur: min(64<<10, orig.Max), Max: orig.Max}
+		if err := unix.Prlimit(0, unix.RLIMIT_MEMLOCK, &low, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lifted := func() bool {
+		t.Helper()
+		var cur unix.Rlimit
+		if err := unix.Prlimit(0, unix.RLIMIT_MEMLOCK, nil, &cur); err != nil {
+			t.Fatal(err)
+		}
+		return cur.Cur == unix.RLIM_INFINITY
+	}
+	lower()
+	if err := bpf.RemoveMemlock(); err != nil {
+		t.Fatal(err)
+	}
+	charged := lifted()
+	_, kernel, err := bpf.KernelVersion()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("kernel %s: BPF memory charged to RLIMIT_MEMLOCK (lifted): %v", kernel, charged)
+
+	for _, p := range []struct {
+		name string
+		load func() error
+	}{
+		{"Probe", func() error { _, err := bpf.Probe(); return err }},
+		{"NewMaps", func() error {
+			m, err := bpf.NewMaps(bpf.MapSizes{})
+			if err == nil {
+				m.Close()
+			}
+			return err
+		}},
+		{"collection", func() error {
+			spec, err := bpf.Spec(bpf.MapSizes{})
+			if err != nil {
+				return err
+			}
+			for _, m := range spec.Maps {
+				m.Pinning = ebpf.PinNone
+			}
+			bpf.Polyfill(spec, probe(t))
+			coll, err := bpf.NewCollection(spec, ebpf.CollectionOptions{})
+			if err == nil {
+				coll.Close()
+			}
+			return err
+		}},
+		{"Load", func() error {
+			dp, err := bpf.Load(bpf.Options{PinDir: e.pinDir, CgroupPath: e.cgroup})
+			if err != nil {
+				return err
+			}
+			defer dp.Close()
+			return dp.Detach()
+		}},
+	} {
+		lower()
+		if err := p.load(); err != nil {
+			t.Errorf("%s under a 64 KiB memlock limit: %v", p.name, err)
+		}
+		if charged && !lifted() {
+			t.Errorf("%s left the memlock limit at 64 KiB", p.name)
+		}
+	}
 }
