@@ -8,6 +8,9 @@ pkgs=(
   openssh-server openssh-client sudo iproute2 util-linux procps
   # what kube-proxy and the scrubber touch
   iptables nftables conntrack
+  # Kubernetes lab nodes (kpfree lab up --kubernetes): each node runs its own
+  # containerd (CNI plugins in /usr/lib/cni)
+  containerd runc containernetworking-plugins
   # load and smoke tests
   socat apache2-utils curl
   # BPF toolchain (bpf2go)

@@ -142,3 +142,155 @@ func removeCgroup(cg string) error {
 	}
 	return nil
 }
+
+// cgroupV1Roots lists the mount points of the cgroup v1 hierarchies (one per
+// controller, or per group of co-mounted controllers, and named ones such as
+// name=systemd), in mount order. On a pure cgroup2 machine it is empty.
+func cgroupV1Roots() ([]string, error) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	var roots []string
+	seen := map[string]bool{}
+	for _, line := range strings.Split(string(data), "\n") {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
+		pre, post, ok := strings.Cut(line, " - ")
+		if !ok {
+			continue
+		}
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if len(f) < 5 || len(g) < 1 || g[0] != "cgroup" || f[3] != "/" {
+			continue
+		}
+		mp := unescapeMount(f[4])
+		if !seen[mp] {
+			seen[mp] = true
+			roots = append(roots, mp)
+		}
+	}
+	return roots, nil
+}
+
+// cgroupDirs are the node's cgroup directories: its cgroup2 one first, then
+// one per cgroup v1 hierarchy when the lab runs Kubernetes (kubelet and runc
+// use the same relative path, <prefix>-lab/<node>, in every hierarchy).
+func (s *State) cgroupDirs(n *Node) []string {
+	dirs := []string{n.Cgroup}
+	for _, root := range s.CgroupV1 {
+		dirs = append(dirs, filepath.Join(root, s.Prefix+"-lab", n.Name))
+	}
+	return dirs
+}
+
+// CgroupPath is node's cgroup path relative to each hierarchy's root, e.g.
+// "/kpfree-lab/node1": the kubelet's cgroupRoot for that node.
+func (s *State) CgroupPath(node string) string {
+	return "/" + s.Prefix + "-lab/" + node
+}
+
+// ensureCgroupV1 creates the node's directory (and the lab's parent) in every
+// cgroup v1 hierarchy. A cpuset cgroup takes no process before it has CPUs
+// and memory nodes: both levels copy them from their parent.
+func (s *State) ensureCgroupV1(n *Node) error {
+	for _, root := range s.CgroupV1 {
+		parent := filepath.Join(root, s.Prefix+"-lab")
+		for _, dir := range []string{parent, filepath.Join(parent, n.Name)} {
+			if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+				return fmt.Errorf("create cgroup %s: %w", dir, err)
+			}
+			for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+				if err := copyCgroupFile(filepath.Dir(dir), dir, f); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// copyCgroupFile copies file f from cgroup dir from to dir to when from has
+// it and to's is empty.
+func copyCgroupFile(from, to, f string) error {
+	src, err := os.ReadFile(filepath.Join(from, f))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	dst, err := os.ReadFile(filepath.Join(to, f))
+	if err != nil {
+		return err
+	}
+	if len(strings.TrimSpace(string(dst))) > 0 {
+		return nil
+	}
+	if err := os.WriteFile(filepath.Join(to, f), src, 0); err != nil {
+		return fmt.Errorf("cgroup %s: write %s: %w", to, f, err)
+	}
+	return nil
+}
+
+// emptyCgroupV1 kills every process left in the cgroup v1 directory cg and
+// its children (cgroup v1 has no cgroup.kill) and waits until they are gone.
+// Normally there are none: every process of a node is in its cgroup2 subtree
+// too, which emptyCgroup empties first.
+func emptyCgroupV1(ctx context.Context, cg string) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		pids, err := cgroupTreePIDs(cg)
+		if err != nil || len(pids) == 0 {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("cgroup %s still holds processes %v", cg, pids)
+		}
+		for _, pid := range pids {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// cgroupTreePIDs lists the live (non-zombie) processes in cg and its
+// descendants.
+func cgroupTreePIDs(cg string) ([]int, error) {
+	var pids []int
+	err := filepath.WalkDir(cg, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if !d.IsDir() {
+			return nil
+		}
+		ps, err := cgroupPIDs(p)
+		if err != nil {
+			return err
+		}
+		for _, pid := range ps {
+			if alive(pid) {
+				pids = append(pids, pid)
+			}
+		}
+		return nil
+	})
+	return pids, err
+}
+
+// NodePIDs lists the processes of node: everything in its cgroup2 subtree
+// (sshd and sessions, containerd, kubelet, shims and containers).
+func (s *State) NodePIDs(node string) ([]int, error) {
+	n := s.Node(node)
+	if n == nil {
+		return nil, fmt.Errorf("lab %s has no node %q", s.Dir, node)
+	}
+	return cgroupTreePIDs(n.Cgroup)
+}

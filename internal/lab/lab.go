@@ -16,6 +16,11 @@
 //	Dir          state.json, hosts.yaml, ssh/{id_ed25519,known_hosts,authorized_keys},
 //	             nodes/nodeI/{overlay upper dirs, host key, sshd_config, logs}
 //
+// With Options.Kubernetes the nodes can run kubeadm (kubernetes.go): more
+// overlays, their own containerd, kubeadm, kubelet and kubectl, a systemctl
+// stand-in, the images imported, cgroups <prefix>-lab/nodeI in every cgroup
+// v1 hierarchy too; SetupPodNetwork gives them a pod network for tests.
+//
 // Nothing the host already has is changed: the host's /etc, /root and /home,
 // its sysctls, firewall rules, routes and interfaces stay as they were; the lab
 // adds only its bridge (with an address inside 198.18.0.0/15), its veths, its
@@ -34,6 +39,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -104,6 +110,17 @@ type Options struct {
 	CgroupRoot string
 	// KubernetesVersion is written to hosts.yaml; default v1.34.4.
 	KubernetesVersion string
+	// Kubernetes makes nodes that can run kubeadm (see KubernetesOverlays,
+	// KubernetesBinaries and docs/lab.md): their own containerd, kubelet,
+	// systemctl stand-in and cgroups in every hierarchy, images imported.
+	Kubernetes bool
+	// K8sBinDir holds kubeadm, kubelet and kubectl for Kubernetes nodes;
+	// default DefaultK8sBinDir(KubernetesVersion).
+	K8sBinDir string
+	// Images is the docker-archive tarball imported into every Kubernetes
+	// node's containerd; default DefaultImages(KubernetesVersion). BuildImages
+	// writes it.
+	Images string
 	// Parallel bounds how many nodes are built at once; default 8.
 	Parallel int
 	// Logf, when set, receives one line per step ("node3: sshd ready").
@@ -121,7 +138,13 @@ type State struct {
 	CgroupRoot        string       `json:"cgroupRoot"`
 	Overlays          []string     `json:"overlays"`
 	KubernetesVersion string       `json:"kubernetesVersion"`
-	Nodes             []*Node      `json:"nodes"`
+	// Kubernetes, K8sBinDir and Images: see Options. CgroupV1 lists the
+	// cgroup v1 hierarchies in which Kubernetes nodes have cgroups too.
+	Kubernetes bool     `json:"kubernetes,omitempty"`
+	K8sBinDir  string   `json:"k8sBinDir,omitempty"`
+	Images     string   `json:"images,omitempty"`
+	CgroupV1   []string `json:"cgroupV1,omitempty"`
+	Nodes      []*Node  `json:"nodes"`
 
 	mu   sync.Mutex
 	logf func(format string, args ...any)
@@ -289,6 +312,16 @@ func (o Options) normalize() (Options, error) {
 		}
 		o.ExtraOverlays[i] = c
 	}
+	if o.K8sBinDir != "" {
+		if o.K8sBinDir, err = filepath.Abs(o.K8sBinDir); err != nil {
+			return o, err
+		}
+	}
+	if o.Images != "" {
+		if o.Images, err = filepath.Abs(o.Images); err != nil {
+			return o, err
+		}
+	}
 	if strings.ContainsAny(o.Dir, " \t\n,:\"'\\") {
 		return o, fmt.Errorf("lab dir %q: no spaces, quotes, commas or colons please (they end up in mount options and sshd_config)", o.Dir)
 	}
@@ -305,7 +338,10 @@ func newState(o Options) (*State, error) {
 		Subnet:            o.Subnet,
 		CgroupRoot:        o.CgroupRoot,
 		KubernetesVersion: o.KubernetesVersion,
-		Overlays:          append(append([]string{}, BaseOverlays...), o.ExtraOverlays...),
+		Overlays:          overlays(o.Kubernetes, o.ExtraOverlays),
+		Kubernetes:        o.Kubernetes,
+		K8sBinDir:         o.K8sBinDir,
+		Images:            o.Images,
 	}
 	if s.Prefix == "" {
 		s.Prefix = DefaultPrefix
@@ -318,6 +354,19 @@ func newState(o Options) (*State, error) {
 	}
 	if s.KubernetesVersion == "" {
 		s.KubernetesVersion = DefaultKubernetesVersion
+	}
+	if s.Kubernetes {
+		if s.K8sBinDir == "" {
+			s.K8sBinDir = DefaultK8sBinDir(s.KubernetesVersion)
+		}
+		if s.Images == "" {
+			s.Images = DefaultImages(s.KubernetesVersion)
+		}
+		roots, err := cgroupV1Roots()
+		if err != nil {
+			return nil, err
+		}
+		s.CgroupV1 = roots
 	}
 	if s.CgroupRoot == "" {
 		root, err := findCgroup2()
@@ -373,8 +422,17 @@ func (s *State) reconcile(o Options) error {
 	if o.KubernetesVersion != "" && o.KubernetesVersion != s.KubernetesVersion {
 		diffs = append(diffs, fmt.Sprintf("Kubernetes version %s (lab has %s)", o.KubernetesVersion, s.KubernetesVersion))
 	}
+	if o.Kubernetes && !s.Kubernetes {
+		diffs = append(diffs, "Kubernetes nodes (the lab's nodes are not)")
+	}
+	if o.K8sBinDir != "" && o.K8sBinDir != s.K8sBinDir {
+		diffs = append(diffs, fmt.Sprintf("Kubernetes binaries from %s (lab has %q)", o.K8sBinDir, s.K8sBinDir))
+	}
+	if o.Images != "" && o.Images != s.Images {
+		diffs = append(diffs, fmt.Sprintf("images from %s (lab has %q)", o.Images, s.Images))
+	}
 	if len(o.ExtraOverlays) > 0 {
-		want := append(append([]string{}, BaseOverlays...), o.ExtraOverlays...)
+		want := overlays(s.Kubernetes, o.ExtraOverlays)
 		if strings.Join(want, ",") != strings.Join(s.Overlays, ",") {
 			diffs = append(diffs, fmt.Sprintf("overlays %v (lab has %v)", want, s.Overlays))
 		}
@@ -386,6 +444,25 @@ func (s *State) reconcile(o Options) error {
 		return fmt.Errorf("the lab in %s has %d nodes; shrinking to %d is not supported: run lab down first", s.Dir, len(s.Nodes), o.Nodes)
 	}
 	return s.checkNames(o.Nodes)
+}
+
+// overlays lists a node's overlaid dirs: BaseOverlays, KubernetesOverlays
+// (those this machine has) for Kubernetes nodes, then extra, each once.
+func overlays(kubernetes bool, extra []string) []string {
+	all := append([]string{}, BaseOverlays...)
+	if kubernetes {
+		for _, d := range KubernetesOverlays {
+			if fi, err := os.Stat(d); err == nil && fi.IsDir() {
+				all = append(all, d)
+			}
+		}
+	}
+	for _, d := range extra {
+		if !slices.Contains(all, d) {
+			all = append(all, d)
+		}
+	}
+	return all
 }
 
 func nodeName(i int) string { return fmt.Sprintf("node%d", i) }

@@ -1,9 +1,12 @@
 package lab
 
 import (
+	"encoding/json"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 
@@ -270,15 +273,17 @@ func TestMountArgs(t *testing.T) {
 	s := testState(t, 1)
 	s.Overlays = append(append([]string{}, BaseOverlays...), "/var/lib")
 	args := strings.Join(s.mountArgs(s.Nodes[0]), " ")
-	nd := "/var/lib/kpfree-lab/nodes/node1"
 	if !strings.HasPrefix(args, "open /var/lib/kpfree-lab overlay ") || !strings.HasSuffix(args, " rebind /var/lib/kpfree-lab") {
 		t.Errorf("the lab dir under the /var/lib overlay is not shown as it is: %s", args)
 	}
+	// Sources in the lab dir are reached through the fd opened before the
+	// overlays, not through the /var/lib overlay.
+	fd := "/proc/self/fd/4/nodes/node1"
 	for _, want := range []string{
-		"overlay /etc " + nd + "/overlay/etc/upper " + nd + "/overlay/etc/work",
-		"overlay /run " + nd + "/overlay/run/upper",
-		"overlay /var/lib " + nd + "/overlay/var_lib/upper",
-		"bind " + nd + "/root /root", "bind " + nd + "/home /home",
+		"overlay /etc " + fd + "/overlay/etc/upper " + fd + "/overlay/etc/work",
+		"overlay /run " + fd + "/overlay/run/upper",
+		"overlay /var/lib " + fd + "/overlay/var_lib/upper",
+		"bind " + fd + "/root /root", "bind " + fd + "/home /home",
 	} {
 		if !strings.Contains(args, want) {
 			t.Errorf("mount args lack %q:\n%s", want, args)
@@ -308,5 +313,136 @@ func TestHostsFile(t *testing.T) {
 func TestLeftoversOfUnusedPrefix(t *testing.T) {
 	if got := Leftovers("kpunused"); len(got) != 0 {
 		t.Errorf("Leftovers(kpunused) = %v", got)
+	}
+}
+
+func TestMountArgsKubernetes(t *testing.T) {
+	s := testState(t, 2)
+	s.Dir = "/srv/lab"
+	s.Kubernetes = true
+	s.K8sBinDir = "/root/.cache/kpfree/k8s/v1.34.4/bin"
+	s.Overlays = overlays(true, nil)
+	args := strings.Join(s.mountArgs(s.Nodes[1]), " ")
+	nd := "/srv/lab/nodes/node2"
+	if strings.Contains(args, "/proc/self/fd/4") || strings.Contains(args, "rebind") {
+		t.Errorf("the lab dir is not under an overlay, yet is reached through an fd: %s", args)
+	}
+	var order []string
+	for _, want := range []string{
+		"overlay /etc ", "overlay /var/lib " + nd + "/overlay/var_lib/upper", "overlay /usr " + nd + "/overlay/usr/upper",
+		// Binaries before /root is replaced: their dir may be under /root.
+		"bindro /root/.cache/kpfree/k8s/v1.34.4/bin/kubelet /usr/local/bin/kubelet",
+		"bind " + nd + "/root /root",
+		"bind " + nd + "/private/var_lib_containerd /var/lib/containerd",
+		"bind " + nd + "/private/var_lib_kubelet /var/lib/kubelet",
+		"bind " + nd + "/private/var_log_pods /var/log/pods",
+		"rshared /var/lib/kubelet",
+		"bind " + nd + "/sysctl/vm.overcommit_memory /proc/sys/vm/overcommit_memory",
+		"bind " + nd + "/sysctl/kernel.keys.root_maxkeys /proc/sys/kernel/keys/root_maxkeys",
+	} {
+		i := strings.Index(args, want)
+		if i < 0 {
+			t.Errorf("mount args lack %q:\n%s", want, args)
+			continue
+		}
+		order = append(order, fmt.Sprintf("%06d %s", i, want))
+	}
+	if !sort.StringsAreSorted(order) {
+		t.Errorf("mounts out of order: %q", order)
+	}
+}
+
+func TestOverlays(t *testing.T) {
+	if got := overlays(false, []string{"/var/lib", "/etc"}); strings.Join(got, " ") != "/etc /run /var/lib" {
+		t.Errorf("overlays(false, /var/lib /etc) = %v", got)
+	}
+	got := strings.Join(overlays(true, []string{"/var/lib", "/srv"}), " ")
+	if !strings.HasPrefix(got, "/etc /run /var/lib /var/log /usr") || !strings.HasSuffix(got, " /srv") || strings.Count(got, "/var/lib") != 1 {
+		t.Errorf("overlays(true, /var/lib /srv) = %v", got)
+	}
+}
+
+func TestReconcileKubernetes(t *testing.T) {
+	s := testState(t, 2)
+	if err := s.reconcile(Options{Nodes: 2, Kubernetes: true}); err == nil || !strings.Contains(err.Error(), "Kubernetes") {
+		t.Errorf("Kubernetes nodes asked of a plain lab: %v", err)
+	}
+	s.Kubernetes, s.K8sBinDir, s.Images = true, "/a/bin", "/a/images.tar"
+	if err := s.reconcile(Options{Nodes: 2}); err != nil {
+		t.Errorf("zero options on a Kubernetes lab: %v", err)
+	}
+	if err := s.reconcile(Options{Nodes: 2, Kubernetes: true, K8sBinDir: "/b/bin"}); err == nil {
+		t.Error("other binaries: want an error")
+	}
+}
+
+func TestCgroupDirs(t *testing.T) {
+	s := testState(t, 1)
+	n := s.Nodes[0]
+	n.Cgroup = "/sys/fs/cgroup/unified/kpfree-lab/node1"
+	if got := s.cgroupDirs(n); len(got) != 1 {
+		t.Errorf("plain lab: %v", got)
+	}
+	if got := s.inV1Cgroups(n, []string{"sleep", "1"}); strings.Join(got, " ") != "sleep 1" {
+		t.Errorf("plain lab wraps daemons: %v", got)
+	}
+	s.CgroupV1 = []string{"/sys/fs/cgroup/memory", "/sys/fs/cgroup/systemd"}
+	got := strings.Join(s.inCgroups(n, []string{"nsenter", "x"}), " ")
+	want := "/bin/sh -c " + joinCgroups + " sh /sys/fs/cgroup/unified/kpfree-lab/node1 /sys/fs/cgroup/memory/kpfree-lab/node1 /sys/fs/cgroup/systemd/kpfree-lab/node1 -- nsenter x"
+	if got != want {
+		t.Errorf("inCgroups:\n got %s\nwant %s", got, want)
+	}
+	if p := s.CgroupPath("node1"); p != "/kpfree-lab/node1" {
+		t.Errorf("CgroupPath = %s", p)
+	}
+}
+
+func TestCgroupV1Roots(t *testing.T) {
+	roots, err := cgroupV1Roots()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range roots {
+		if !strings.HasPrefix(r, "/") {
+			t.Errorf("root %q", r)
+		}
+	}
+	t.Logf("cgroup v1 hierarchies here: %v", roots)
+}
+
+func TestPodNetworkConfig(t *testing.T) {
+	data, err := podNetworkConfig(netip.MustParsePrefix("10.244.1.0/24"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conf struct {
+		CNIVersion string `json:"cniVersion"`
+		Plugins    []struct {
+			Type, Bridge      string
+			IsGateway, IPMasq bool
+			IPAM              struct {
+				Type   string
+				Ranges [][]struct{ Subnet string }
+			}
+		}
+	}
+	if err := json.Unmarshal(data, &conf); err != nil {
+		t.Fatal(err)
+	}
+	p := conf.Plugins[0]
+	if len(conf.Plugins) != 1 || p.Type != "bridge" || p.Bridge != "cni0" || !p.IsGateway || p.IPMasq ||
+		p.IPAM.Type != "host-local" || p.IPAM.Ranges[0][0].Subnet != "10.244.1.0/24" {
+		t.Errorf("CNI config:\n%s", data)
+	}
+}
+
+func TestContainerdConfig(t *testing.T) {
+	for _, want := range []string{
+		"restrict_oom_score_adj = true", "SystemdCgroup = false", `sandbox_image = "registry.k8s.io/pause:3.10.1"`,
+		`bin_dir = "/usr/lib/cni"`, `conf_dir = "/etc/cni/net.d"`, `path = "/var/lib/containerd/opt"`,
+	} {
+		if !strings.Contains(containerdConfig, want) {
+			t.Errorf("containerd config lacks %q", want)
+		}
 	}
 }

@@ -11,8 +11,9 @@ import (
 
 // Leftovers lists what labs with the given name prefixes (default: the
 // default prefix) have left on this machine: netns files <prefix>-*, links
-// <prefix>-* (the bridge <prefix>-br0 and the veths), the cgroup <prefix>-lab,
-// and live processes in that cgroup or named like a holder. After lab down it
+// <prefix>-* (the bridge <prefix>-br0 and the veths), the cgroup <prefix>-lab
+// in cgroup2 and in every cgroup v1 hierarchy, and live processes in those
+// cgroups or named like a holder. After lab down it
 // is empty. A bridge given a name outside the prefix is not seen.
 func Leftovers(prefixes ...string) []string {
 	if len(prefixes) == 0 {
@@ -38,7 +39,11 @@ func leftovers(prefix string) []string {
 		out = append(out, "link "+l)
 	}
 	cgName := prefix + "-lab"
+	roots, _ := cgroupV1Roots()
 	if root, err := findCgroup2(); err == nil {
+		roots = append([]string{root}, roots...)
+	}
+	for _, root := range roots {
 		if _, err := os.Stat(filepath.Join(root, cgName)); err == nil {
 			out = append(out, "cgroup "+filepath.Join(root, cgName))
 		}
@@ -56,7 +61,10 @@ func leftovers(prefix string) []string {
 		if err != nil || pi.zombie {
 			continue
 		}
-		inCgroup := pi.cgroup == "/"+cgName || strings.HasPrefix(pi.cgroup, "/"+cgName+"/")
+		inCgroup := false
+		for _, cg := range pi.cgroups {
+			inCgroup = inCgroup || cg == "/"+cgName || strings.HasPrefix(cg, "/"+cgName+"/")
+		}
 		holder := len(pi.argv) > 0 && strings.HasPrefix(pi.argv[0], HolderMarker+prefix+"-")
 		if inCgroup || holder {
 			out = append(out, fmt.Sprintf("process %d (%s)", pid, strings.Join(pi.argv, " ")))

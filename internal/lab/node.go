@@ -22,8 +22,10 @@ import (
 // holderScript runs as the holder, already inside the node's netns and in
 // fresh private mount and UTS namespaces. $1 is the holder's name (argv[0] of
 // the final sleep), $2 the hostname, then groups: "overlay DIR UPPER WORK",
-// "bind SRC DST", and "open DIR" ... "rebind DIR", which shows the real DIR
-// again on top of the mounts in between (through an fd opened before them).
+// "bind SRC DST", "bindro SRC DST" (read-only), "rshared DIR", and "open DIR"
+// ... "rebind DIR", which shows the real DIR again on top of the mounts in
+// between (through fd 4, opened before them; mounts in between name their
+// sources under DIR as /proc/self/fd/4/...).
 // It says "ready" on fd 3 and then sleeps forever.
 const holderScript = `set -euo pipefail
 name=$1 host=$2
@@ -50,7 +52,11 @@ while (($#)); do
 	rebind) mount -n -c --bind /proc/self/fd/4 -- "$2"; exec 4<&-; shift 2 ;;
 	# mount -n: no utab, so nothing is written to the host's /run.
 	overlay) mount -n -t overlay kpfree-lab -o "lowerdir=$2,upperdir=$3,workdir=$4" -- "$2"; shift 4 ;;
-	bind) mount -n --bind -- "$2" "$3"; shift 3 ;;
+	# mount -c: paths as given (/proc/self/fd/4/... must not be resolved to
+	# the lab dir's name, which an overlay may hide).
+	bind) mount -n -c --bind -- "$2" "$3"; shift 3 ;;
+	bindro) mount -n -c --bind -- "$2" "$3"; mount -n -c -o remount,bind,ro -- "$3"; shift 3 ;;
+	rshared) mount -n --make-rshared -- "$2"; shift 2 ;;
 	*) echo "holder: unknown mount kind $1" >&2; exit 2 ;;
 	esac
 done
@@ -86,23 +92,35 @@ func (s *State) mountArgs(n *Node) []string {
 	// The lab dir itself may lie under an overlaid dir (/var/lib/kpfree-lab
 	// with /var/lib overlaid): the node then sees the real dir, not the
 	// overlay's view of it, which would go stale as the host rewrites files
-	// (and cannot show the overlay's own upper dirs).
+	// (and cannot show the overlay's own upper dirs). Mounts after that
+	// overlay reach their sources in the lab dir through an fd opened before
+	// it: an overlay's upper dir, or containerd's, cannot be on overlayfs.
 	rebind := s.overlaid(s.Dir)
+	src := func(p string) string { return p }
 	if rebind {
 		args = append(args, "open", s.Dir)
+		src = func(p string) string {
+			if rel, err := filepath.Rel(s.Dir, p); err == nil && within(p, s.Dir) {
+				return filepath.Join("/proc/self/fd/4", rel)
+			}
+			return p
+		}
 	}
 	for _, d := range s.Overlays {
 		upper, work := s.overlayDirs(n.Name, d)
-		args = append(args, "overlay", d, upper, work)
+		args = append(args, "overlay", d, src(upper), src(work))
+	}
+	if s.Kubernetes {
+		args = append(args, s.kubeBinaryMountArgs()...)
 	}
 	nd := s.nodeDir(n.Name)
-	args = append(args, "bind", filepath.Join(nd, "root"), "/root", "bind", filepath.Join(nd, "home"), "/home")
+	args = append(args, "bind", src(filepath.Join(nd, "root")), "/root", "bind", src(filepath.Join(nd, "home")), "/home")
 	for _, f := range logFiles {
 		if s.overlaid(f) {
 			continue
 		}
 		if fi, err := os.Stat(f); err == nil && fi.Mode().IsRegular() {
-			args = append(args, "bind", filepath.Join(nd, "log", filepath.Base(f)), f)
+			args = append(args, "bind", src(filepath.Join(nd, "log", filepath.Base(f))), f)
 		}
 	}
 	for _, d := range stateDirs {
@@ -110,8 +128,11 @@ func (s *State) mountArgs(n *Node) []string {
 			continue
 		}
 		if fi, err := os.Stat(d); err == nil && fi.IsDir() {
-			args = append(args, "bind", s.privateDir(n.Name, d), d)
+			args = append(args, "bind", src(s.privateDir(n.Name, d)), d)
 		}
+	}
+	if s.Kubernetes {
+		args = append(args, s.kubeLateMountArgs(n, src)...)
 	}
 	if rebind {
 		args = append(args, "rebind", s.Dir)
@@ -209,6 +230,11 @@ func (s *State) prepareNode(n *Node, hosts []byte, users *userDB) (hostKey strin
 	if err := os.Chmod(filepath.Join(nd, "home"), 0o755); err != nil {
 		return "", err
 	}
+	if s.Kubernetes {
+		if err := s.prepareKubernetes(n); err != nil {
+			return "", err
+		}
+	}
 	for _, f := range logFiles {
 		fi, err := os.Stat(f)
 		if err != nil || !fi.Mode().IsRegular() {
@@ -256,10 +282,10 @@ func (s *State) startHolder(ctx context.Context, n *Node) (int, error) {
 		return 0, err
 	}
 	defer r.Close()
-	args := []string{"--net=" + n.NetNS, "--", "unshare", "--mount", "--uts", "--propagation", "private", "--",
+	argv := []string{"nsenter", "--net=" + n.NetNS, "--", "unshare", "--mount", "--uts", "--propagation", "private", "--",
 		"bash", "-c", holderScript, "kpfree-lab-holder", HolderMarker + s.netnsName(n.Name), n.Name}
-	args = append(args, s.mountArgs(n)...)
-	cmd := exec.Command("nsenter", args...)
+	argv = s.inV1Cgroups(n, append(argv, s.mountArgs(n)...))
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = baseEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{w}

@@ -18,10 +18,11 @@ import (
 
 // procInfo is what the lab reads about a process before it signals it.
 type procInfo struct {
-	argv   []string
-	exe    string
-	cgroup string // cgroup2 path relative to the cgroup2 root, e.g. /kpfree-lab/node1
-	zombie bool
+	argv    []string
+	exe     string
+	cgroup  string   // cgroup2 path relative to the cgroup2 root, e.g. /kpfree-lab/node1
+	cgroups []string // the paths in every hierarchy, cgroup2 and v1
+	zombie  bool
 }
 
 func readProc(pid int) (procInfo, error) {
@@ -43,6 +44,10 @@ func readProc(pid int) (procInfo, error) {
 		for _, line := range strings.Split(string(cg), "\n") {
 			if p, ok := strings.CutPrefix(line, "0::"); ok {
 				pi.cgroup = p
+			}
+			// ID:CONTROLLERS:PATH
+			if f := strings.SplitN(line, ":", 3); len(f) == 3 {
+				pi.cgroups = append(pi.cgroups, f[2])
 			}
 		}
 	}

@@ -143,8 +143,12 @@ func (s *State) startSSHD(ctx context.Context, n *Node) (int, error) {
 		return 0, err
 	}
 	defer logf.Close()
-	cmd := exec.Command("nsenter", "-t", strconv.Itoa(n.HolderPID), "-n", "-m", "-u", "--",
-		sshdPath, "-D", "-e", "-f", cfg)
+	argv := s.inV1Cgroups(n, []string{"nsenter", "-t", strconv.Itoa(n.HolderPID), "-n", "-m", "-u", "--",
+		// -r: no re-exec per connection. Lab nodes share this machine's cores;
+		// re-exec costs ~30 ms of CPU per login here, which real hosts pay on
+		// their own CPUs.
+		sshdPath, "-D", "-e", "-r", "-f", cfg})
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = baseEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := startDaemon(cmd, n.Cgroup); err != nil {

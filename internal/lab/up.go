@@ -97,6 +97,11 @@ func load(o Options, createdDir bool) (*State, error) {
 
 // up creates the missing nodes and rebuilds the broken ones.
 func (s *State) up(ctx context.Context, o Options) error {
+	if s.Kubernetes {
+		if err := checkKubernetesHost(s.K8sBinDir, s.Images); err != nil {
+			return err
+		}
+	}
 	userKey, err := s.ensureUserKey()
 	if err != nil {
 		return err
@@ -221,6 +226,12 @@ func (s *State) buildNode(ctx context.Context, n *Node, hosts []byte, users *use
 		if err := s.teardownNode(ctx, n); err != nil {
 			return err
 		}
+		// A rebuilt node boots with an empty /run, as a rebooted host does:
+		// no stale pid files, sockets or containerd task state.
+		run, _ := s.overlayDirs(n.Name, "/run")
+		if err := os.RemoveAll(run); err != nil {
+			return err
+		}
 	}
 	hostKey, err := s.prepareNode(n, hosts, users)
 	if err != nil {
@@ -230,6 +241,9 @@ func (s *State) buildNode(ctx context.Context, n *Node, hosts []byte, users *use
 		return err
 	}
 	if err := s.ensureCgroup(n); err != nil {
+		return err
+	}
+	if err := s.ensureCgroupV1(n); err != nil {
 		return err
 	}
 	if err := s.createNetNS(ctx, n); err != nil {
@@ -251,6 +265,11 @@ func (s *State) buildNode(ctx context.Context, n *Node, hosts []byte, users *use
 	}
 	if err := s.set(func() { n.SSHDPID = sshd }); err != nil {
 		return err
+	}
+	if s.Kubernetes {
+		if err := s.startKubernetes(ctx, n); err != nil {
+			return err
+		}
 	}
 	s.log("%s: up at %s (holder %d, sshd %d) in %s", n.Name, n.Address, pid, sshd, time.Since(t0).Round(time.Millisecond))
 	return nil
@@ -290,8 +309,8 @@ func (s *State) nodeHealthy(n *Node) bool {
 }
 
 // teardownNode stops node n's processes (its recorded sshd and holder, then
-// whatever else still runs in its cgroup) and deletes its veth and netns.
-// Files and the cgroup directory stay.
+// whatever else still runs in its cgroups), removes its cgroups and deletes
+// its veth and netns. Files stay.
 func (s *State) teardownNode(ctx context.Context, n *Node) error {
 	var errs []error
 	if err := killVerified(ctx, n.SSHDPID, func(p int) bool { return s.isSSHD(n, p) }, 3*time.Second); err != nil {
@@ -300,7 +319,17 @@ func (s *State) teardownNode(ctx context.Context, n *Node) error {
 	if err := killVerified(ctx, n.HolderPID, func(p int) bool { return s.isHolder(n, p) }, 3*time.Second); err != nil {
 		errs = append(errs, fmt.Errorf("stop holder: %w", err))
 	}
+	// The cgroups go too, not only their processes: once a cgroup has had
+	// cgroup.kill, this kernel (6.18) SIGKILLs every process cloned straight
+	// into it (CLONE_INTO_CGROUP, as startDaemon does; seen here), so a
+	// rebuilt node needs fresh ones. Kubelet's and runc's cgroups below go
+	// with them.
 	if err := emptyCgroup(ctx, n.Cgroup); err != nil {
+		errs = append(errs, err)
+	} else if err := removeCgroup(n.Cgroup); err != nil {
+		errs = append(errs, err)
+	}
+	if err := s.removeCgroupsV1(ctx, n); err != nil {
 		errs = append(errs, err)
 	}
 	if err := deleteLink(n.Veth); err != nil {
@@ -373,11 +402,7 @@ func (s *State) down(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			err := s.teardownNode(ctx, n)
-			if err == nil {
-				err = removeCgroup(n.Cgroup)
-			}
-			if err != nil {
+			if err := s.teardownNode(ctx, n); err != nil {
 				mu.Lock()
 				errs = append(errs, fmt.Errorf("%s: %w", n.Name, err))
 				mu.Unlock()
@@ -390,6 +415,11 @@ func (s *State) down(ctx context.Context) error {
 	}
 	if err := removeCgroup(s.cgroupParent()); err != nil {
 		return err
+	}
+	for _, root := range s.CgroupV1 {
+		if err := removeCgroup(filepath.Join(root, s.Prefix+"-lab")); err != nil {
+			return err
+		}
 	}
 	if err := s.deleteBridge(); err != nil {
 		return err

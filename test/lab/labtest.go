@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -64,6 +65,46 @@ func Options(tb testing.TB, nodes int) lab.Options {
 	return lab.Options{}
 }
 
+// KubernetesOptions is Options for Kubernetes nodes (lab.Options.Kubernetes):
+// the binaries of make k8s-binaries and the image set of make images, which
+// it brings up to date (once per test process) with lab.BuildImages.
+func KubernetesOptions(tb testing.TB, nodes int) lab.Options {
+	tb.Helper()
+	o := Options(tb, nodes)
+	o.Kubernetes = true
+	o.K8sBinDir = lab.DefaultK8sBinDir(lab.DefaultKubernetesVersion)
+	o.Images = lab.DefaultImages(lab.DefaultKubernetesVersion)
+	for _, b := range lab.KubernetesBinaries {
+		if _, err := os.Stat(filepath.Join(o.K8sBinDir, b)); err != nil {
+			tb.Fatalf("labtest: %v: run make k8s-binaries first", err)
+		}
+	}
+	imagesOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		defer cancel()
+		t0 := time.Now()
+		imagesErr = lab.BuildImages(ctx, o.K8sBinDir, o.Images)
+		tb.Logf("labtest: images %s ready in %s", o.Images, time.Since(t0).Round(time.Millisecond))
+	})
+	if imagesErr != nil {
+		tb.Fatalf("labtest: %v", imagesErr)
+	}
+	return o
+}
+
+var (
+	imagesOnce sync.Once
+	imagesErr  error
+)
+
+// NewKubernetes builds a lab of nodes Kubernetes nodes for tb (see
+// KubernetesOptions) and removes it when tb ends, failing tb if anything is
+// left behind.
+func NewKubernetes(tb testing.TB, nodes int) *lab.State {
+	tb.Helper()
+	return Up(tb, KubernetesOptions(tb, nodes))
+}
+
 // New builds a lab of nodes nodes for tb (see Options) and removes it when tb
 // ends, failing tb if anything is left behind.
 func New(tb testing.TB, nodes int) *lab.State {
@@ -75,7 +116,11 @@ func New(tb testing.TB, nodes int) *lab.State {
 // Up builds the lab o describes and registers its removal with tb.
 func Up(tb testing.TB, o lab.Options) *lab.State {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	timeout := 2 * time.Minute
+	if o.Kubernetes {
+		timeout = 10 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	tb.Cleanup(func() { Down(tb, o) })
 	s, err := lab.Up(ctx, o)
