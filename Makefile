@@ -23,6 +23,7 @@ images: k8s-binaries
 ## build: the kpfree CLI and the agent into ./bin
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/kpfree ./cmd/kpfree
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/kpfree-agent ./cmd/kpfree-agent
 
 ## deps: Debian packages the tests need (root; no-op when present)
 deps:

@@ -139,7 +139,7 @@ func TestRenderGolden(t *testing.T) {
 			"cgroupRoot":     "/sys/fs/cgroup/unified/kpfree-lab/$(NODE_NAME)",
 			"devices":        []any{"eth0", "eth1"},
 			"nodePortRange":  "30000-30100",
-			"lbAlgorithm":    "maglev",
+			"lbAlgorithm":    "random",
 			"proxyName":      "kpfree",
 			"raiseMemlock":   true,
 			"extraArgs":      []any{"--v=2"},

@@ -255,7 +255,9 @@ func startLogged(c *exec.Cmd, logPath string) error {
 		return err
 	}
 	c.Stdout, c.Stderr = f, f
-	c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// No Pdeathsig: it fires when the starting OS thread exits, not the
+	// process, and tests that enter network namespaces end threads on
+	// purpose. Stop (registered as cleanup) ends these processes.
 	if err := c.Start(); err != nil {
 		f.Close()
 		return err

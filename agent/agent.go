@@ -1,0 +1,190 @@
+// Package agent wires kpfree-agent's control plane together:
+//
+//	watch (informers) -> model (pure) -> reconcile -> lbmap.Maps -> datapath
+//
+// plus Events for model warnings and the health and metrics endpoints. The
+// datapath (bpf.Load) and the Maps over it are made by the caller
+// (cmd/kpfree-agent), so tests can run the same agent over lbmap.Fake.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/kpfree/kpfree/agent/lbmap"
+	"github.com/kpfree/kpfree/agent/model"
+	"github.com/kpfree/kpfree/agent/reconcile"
+	"github.com/kpfree/kpfree/agent/watch"
+)
+
+// Component is the Event source and user agent name.
+const Component = "kpfree-agent"
+
+// Config of an Agent.
+type Config struct {
+	Client kubernetes.Interface
+	Maps   lbmap.Maps
+	// Reload rebuilds Maps from what the maps hold (lbmap.New over the
+	// datapath's maps), for drift repair; nil: none.
+	Reload    func() (lbmap.Maps, error)
+	NodeName  string
+	ProxyName string
+	// MinSyncInterval and ResyncInterval: see reconcile.Config.
+	MinSyncInterval time.Duration
+	ResyncInterval  time.Duration
+	// Registry gets the agent's metrics (nil: a new one, with the Go and
+	// process collectors).
+	Registry *prometheus.Registry
+	// NoEvents disables Events for model warnings (they are still logged).
+	NoEvents bool
+	Log      *slog.Logger
+}
+
+// Agent is a running control plane.
+type Agent struct {
+	cfg      Config
+	log      *slog.Logger
+	watcher  *watch.Watcher
+	rec      *reconcile.Reconciler
+	registry *prometheus.Registry
+	events   record.EventBroadcaster
+	recorder record.EventRecorder
+}
+
+// New sets the agent up; nothing runs before Run.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Client == nil || cfg.Maps == nil {
+		return nil, errors.New("agent: Client and Maps are required")
+	}
+	a := &Agent{cfg: cfg, log: cfg.Log, registry: cfg.Registry}
+	if a.log == nil {
+		a.log = slog.New(slog.DiscardHandler)
+	}
+	if a.registry == nil {
+		a.registry = prometheus.NewRegistry()
+		a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	var err error
+	a.watcher, err = watch.New(cfg.Client, watch.Options{NodeName: cfg.NodeName, ProxyName: cfg.ProxyName})
+	if err != nil {
+		return nil, err
+	}
+	var reporter reconcile.Reporter
+	if !cfg.NoEvents {
+		a.events = record.NewBroadcaster()
+		a.recorder = a.events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: Component, Host: cfg.NodeName})
+		reporter = reconcile.ReporterFunc(a.warnEvent)
+	}
+	a.rec = reconcile.New(reconcile.Config{
+		Maps:           cfg.Maps,
+		Reload:         cfg.Reload,
+		Source:         a.watcher,
+		NodeName:       cfg.NodeName,
+		Model:          model.Options{ProxyName: cfg.ProxyName},
+		Reporter:       reporter,
+		Metrics:        reconcile.NewMetrics(a.registry),
+		Log:            a.log,
+		MinInterval:    cfg.MinSyncInterval,
+		ResyncInterval: cfg.ResyncInterval,
+	})
+	return a, nil
+}
+
+// warnEvent records a model warning as a Warning Event on its Service.
+func (a *Agent) warnEvent(w model.Warning) {
+	ref := w.Service
+	a.recorder.Event(&ref, corev1.EventTypeWarning, w.Reason, w.Message)
+}
+
+// Run runs the informers and the reconciler until ctx ends, then stops them.
+// The maps and the datapath are left as they are (a restart continues from
+// them).
+func (a *Agent) Run(ctx context.Context) error {
+	if a.events != nil {
+		a.events.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: a.cfg.Client.CoreV1().Events("")})
+		defer a.events.Shutdown()
+	}
+	a.log.Info("watching the API server", "node", a.cfg.NodeName, "proxyName", a.cfg.ProxyName,
+		"selector", watch.LabelSelector(a.cfg.ProxyName).String())
+	a.watcher.Start(ctx)
+	defer a.watcher.Shutdown()
+	err := a.rec.Run(ctx, a.watcher.Changes())
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// Ready reports whether the first full sync is done.
+func (a *Agent) Ready() bool { return a.rec.Ready() }
+
+// Reconciler is the agent's reconciler (tests, status).
+func (a *Agent) Reconciler() *reconcile.Reconciler { return a.rec }
+
+// Registry holds the agent's metrics.
+func (a *Agent) Registry() *prometheus.Registry { return a.registry }
+
+// Handler serves /healthz, /readyz and, with metrics, /metrics.
+func (a *Agent) Handler(metrics bool) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if err := a.rec.Healthy(); err != nil {
+			http.Error(w, "unhealthy: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !a.rec.Ready() {
+			http.Error(w, "not ready: waiting for the informers and the first full sync", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	if metrics {
+		mux.Handle("GET /metrics", promhttp.HandlerFor(a.registry, promhttp.HandlerOpts{Registry: a.registry}))
+	}
+	return mux
+}
+
+// Serve serves h on addr until ctx ends. The listener is opened before it
+// returns, so a bad address fails at once.
+func Serve(ctx context.Context, addr string, h http.Handler, log *slog.Logger) (net.Addr, <-chan error, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("agent: health server: %w", err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	done := make(chan error, 1)
+	go func() {
+		err := srv.Serve(ln)
+		if errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
+		done <- err
+	}()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	if log != nil {
+		log.Info("serving health and metrics", "addr", ln.Addr().String())
+	}
+	return ln.Addr(), done, nil
+}

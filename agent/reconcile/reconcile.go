@@ -1,0 +1,483 @@
+// Package reconcile keeps the load balancer maps equal to what the model
+// derives from the informer caches.
+//
+// One pass reads the caches, runs the (pure) model and writes the
+// difference. Passes are idempotent: an unchanged desired state writes
+// nothing. Before the informers have synced nothing is written at all, so a
+// restarted agent keeps serving from the pinned maps the last one left
+// (lbmap.New restores its bookkeeping from them) and never prunes a Service
+// only because its object has not been listed yet. The first pass after the
+// sync is a full lbmap Sync (prune included); later passes upsert what
+// changed and delete what went; a periodic full pass heals drift.
+//
+// Write errors (map full, kernel errors) are counted, logged and retried
+// with backoff; they never stop the loop.
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kpfree/kpfree/agent/lbmap"
+	"github.com/kpfree/kpfree/agent/model"
+	"github.com/kpfree/kpfree/agent/watch"
+)
+
+// Defaults for Config.
+const (
+	DefaultMinInterval    = 100 * time.Millisecond
+	DefaultResyncInterval = 5 * time.Minute
+	DefaultRetryInterval  = time.Second
+	DefaultStallTimeout   = time.Minute
+)
+
+// ErrNotSynced is returned by Reconcile before the informers have synced;
+// nothing was written.
+var ErrNotSynced = errors.New("reconcile: informers have not synced yet; nothing written")
+
+// Source is where the current state comes from (watch.Watcher).
+type Source interface {
+	Synced() bool
+	Snapshot() (watch.Snapshot, error)
+}
+
+// Reporter receives each model warning once (per Service generation) for as
+// long as it persists.
+type Reporter interface {
+	Warn(w model.Warning)
+}
+
+// ReporterFunc adapts a function to Reporter.
+type ReporterFunc func(model.Warning)
+
+// Warn implements Reporter.
+func (f ReporterFunc) Warn(w model.Warning) { f(w) }
+
+// Config for a Reconciler.
+type Config struct {
+	Maps   lbmap.Maps
+	Source Source
+	// Reload, if set, builds a fresh lbmap.Maps from what the maps hold
+	// (lbmap.New). A periodic resync that finds drift uses it, so the next
+	// Sync compares with the maps rather than with bookkeeping that no
+	// longer matches them.
+	Reload   func() (lbmap.Maps, error)
+	NodeName string
+	Model    model.Options
+	Reporter Reporter // nil: warnings are only logged
+	Metrics  *Metrics // nil: none
+	Log      *slog.Logger
+
+	// MinInterval is the shortest time between two passes: changes that
+	// arrive meanwhile are batched (default 100 ms).
+	MinInterval time.Duration
+	// ResyncInterval is the period of full passes (default 5 min).
+	ResyncInterval time.Duration
+	// RetryInterval is the first retry after failed writes; it doubles up to
+	// ResyncInterval (default 1 s).
+	RetryInterval time.Duration
+	// StallTimeout: Healthy fails when a change has waited this long
+	// (default 1 min).
+	StallTimeout time.Duration
+}
+
+// Stats describe one pass.
+type Stats struct {
+	Full               bool
+	Services, Backends int // programmed after the pass
+	Upserts, Deletes   int // Services written or deleted (a full pass counts every desired one)
+	Errors, MapFull    int
+	Drift              bool
+	NewWarnings        int
+	Duration           time.Duration
+	// Err joins the write errors of the pass (also counted in Errors).
+	Err error
+}
+
+// Reconciler programs lbmap.Maps from a Source.
+type Reconciler struct {
+	cfg Config
+
+	mu       sync.Mutex // one pass at a time
+	maps     lbmap.Maps
+	applied  map[lbmap.Frontend]lbmap.Service // nil until the first full pass
+	reported map[string]bool                  // warning keys already reported
+
+	ready        atomic.Bool
+	pendingSince atomic.Int64 // unix ns of the oldest unprocessed change; 0: none
+	passes       atomic.Int64
+}
+
+// New returns a Reconciler; nothing happens until Reconcile or Run.
+func New(cfg Config) *Reconciler {
+	if cfg.MinInterval <= 0 {
+		cfg.MinInterval = DefaultMinInterval
+	}
+	if cfg.ResyncInterval <= 0 {
+		cfg.ResyncInterval = DefaultResyncInterval
+	}
+	if cfg.RetryInterval <= 0 {
+		cfg.RetryInterval = DefaultRetryInterval
+	}
+	if cfg.StallTimeout <= 0 {
+		cfg.StallTimeout = DefaultStallTimeout
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	cfg.Model.NodeName = cfg.NodeName
+	return &Reconciler{cfg: cfg, maps: cfg.Maps, reported: map[string]bool{}}
+}
+
+// Ready reports whether the first full pass has run: the maps reflect the API
+// server (minus Services whose writes failed, which are retried).
+func (r *Reconciler) Ready() bool { return r.ready.Load() }
+
+// Passes counts the passes that ran (for tests and status).
+func (r *Reconciler) Passes() int64 { return r.passes.Load() }
+
+// Healthy fails when a change has been waiting longer than StallTimeout: the
+// loop is stuck.
+func (r *Reconciler) Healthy() error {
+	if p := r.pendingSince.Load(); p != 0 {
+		if age := time.Since(time.Unix(0, p)); age > r.cfg.StallTimeout {
+			return fmt.Errorf("a change has waited %s for a reconcile pass", age.Round(time.Second))
+		}
+	}
+	return nil
+}
+
+// Reconcile runs one pass. full forces an lbmap Sync (the first pass is
+// always full). The error is ErrNotSynced or a failure to read the state;
+// write failures are in Stats (Errors, Err) and do not fail the pass.
+func (r *Reconciler) Reconcile(full bool) (Stats, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	t0 := time.Now()
+	if !r.cfg.Source.Synced() {
+		return Stats{}, ErrNotSynced
+	}
+	snap, err := r.cfg.Source.Snapshot()
+	if err != nil {
+		r.countErr(err)
+		return Stats{}, err
+	}
+	res := model.Build(snap.Services, snap.EndpointSlices, r.cfg.NodeName, r.cfg.Model)
+	st := Stats{Full: full || r.applied == nil}
+	st.NewWarnings = r.report(res.Warnings)
+	desired := res.Services()
+	mode := "incremental"
+	if st.Full {
+		mode = "full"
+		r.full(desired, &st)
+	} else {
+		r.incremental(desired, &st)
+	}
+	st.Services = len(r.applied)
+	st.Backends = distinctBackends(r.applied)
+	st.Duration = time.Since(t0)
+	r.passes.Add(1)
+	if m := r.cfg.Metrics; m != nil {
+		m.SyncDuration.WithLabelValues(mode).Observe(st.Duration.Seconds())
+		m.Services.Set(float64(st.Services))
+		m.Backends.Set(float64(st.Backends))
+		m.Warnings.Set(float64(len(res.Warnings)))
+		m.LastSync.Set(float64(time.Now().UnixNano()) / 1e9)
+	}
+	return st, nil
+}
+
+// full makes the maps hold exactly desired.
+func (r *Reconciler) full(desired []lbmap.Service, st *Stats) {
+	if r.applied != nil {
+		r.checkDrift(st)
+	}
+	st.Upserts = len(desired)
+	err := r.maps.Sync(desired)
+	if err == nil {
+		r.applied = make(map[lbmap.Frontend]lbmap.Service, len(desired))
+		for _, s := range desired {
+			r.applied[key(s.Frontend)] = s
+		}
+		return
+	}
+	r.failed(st, "sync", err)
+	// Which Services made it is in the maps: start the diffs from there.
+	r.applied = map[lbmap.Frontend]lbmap.Service{}
+	dump, derr := r.maps.Dump()
+	if derr != nil {
+		r.failed(st, "dump", derr)
+		return
+	}
+	for _, s := range dump {
+		s.RevNatID = 0
+		r.applied[key(s.Frontend)] = s
+	}
+}
+
+// checkDrift compares the maps with what was written; on a difference it
+// reloads the bookkeeping from the maps so the Sync that follows repairs
+// them.
+func (r *Reconciler) checkDrift(st *Stats) {
+	dump, err := r.maps.Dump()
+	if err != nil {
+		r.failed(st, "dump", err)
+		return
+	}
+	if sameState(dump, r.applied) {
+		return
+	}
+	st.Drift = true
+	if m := r.cfg.Metrics; m != nil {
+		m.Drift.Inc()
+	}
+	r.cfg.Log.Warn("maps differ from what the agent wrote; repairing", "programmed", len(dump), "expected", len(r.applied))
+	if r.cfg.Reload == nil {
+		return
+	}
+	m, err := r.cfg.Reload()
+	if err != nil {
+		r.failed(st, "reload maps", err)
+		return
+	}
+	r.maps = m
+}
+
+// incremental deletes the frontends that went, then upserts the changed ones
+// (deleting first frees room in the maps).
+func (r *Reconciler) incremental(desired []lbmap.Service, st *Stats) {
+	want := make(map[lbmap.Frontend]bool, len(desired))
+	for _, s := range desired {
+		want[key(s.Frontend)] = true
+	}
+	var gone []lbmap.Frontend
+	for fe := range r.applied {
+		if !want[fe] {
+			gone = append(gone, fe)
+		}
+	}
+	slices.SortFunc(gone, lbmap.Frontend.Compare)
+	for _, fe := range gone {
+		st.Deletes++
+		if err := r.maps.Delete(fe); err != nil {
+			r.failed(st, "delete "+fe.String(), err)
+			continue // still there: retried
+		}
+		delete(r.applied, fe)
+	}
+	for _, s := range desired {
+		k := key(s.Frontend)
+		if cur, ok := r.applied[k]; ok && sameService(cur, s) {
+			continue
+		}
+		st.Upserts++
+		if err := r.maps.Upsert(s); err != nil {
+			r.failed(st, "upsert "+s.Frontend.String(), err)
+			delete(r.applied, k) // unknown state: retried
+			continue
+		}
+		r.applied[k] = s
+	}
+}
+
+// failed counts and logs write errors; a joined error counts each part.
+func (r *Reconciler) failed(st *Stats, what string, err error) {
+	parts := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		parts = j.Unwrap()
+	}
+	for _, e := range parts {
+		st.Errors++
+		if errors.Is(e, lbmap.ErrMapFull) {
+			st.MapFull++
+		}
+		r.countErr(e)
+		r.cfg.Log.Error("map write failed; will retry", "op", what, "err", e)
+	}
+	st.Err = errors.Join(st.Err, fmt.Errorf("%s: %w", what, err))
+}
+
+func (r *Reconciler) countErr(err error) {
+	if m := r.cfg.Metrics; m != nil {
+		m.SyncErrors.Inc()
+		if errors.Is(err, lbmap.ErrMapFull) {
+			m.MapFull.Inc()
+		}
+	}
+}
+
+// report hands new warnings to the Reporter and forgets the ones that went,
+// so a warning that comes back is reported again.
+func (r *Reconciler) report(ws []model.Warning) int {
+	now := make(map[string]bool, len(ws))
+	n := 0
+	for _, w := range ws {
+		k := w.Key()
+		now[k] = true
+		if r.reported[k] {
+			continue
+		}
+		n++
+		r.cfg.Log.Warn("service not fully supported", "service", w.Service.Namespace+"/"+w.Service.Name,
+			"reason", w.Reason, "message", w.Message)
+		if r.cfg.Reporter != nil {
+			r.cfg.Reporter.Warn(w)
+		}
+	}
+	r.reported = now
+	return n
+}
+
+// Run waits for the informers, runs the first full pass, then a pass for
+// every batch of changes (at most one per MinInterval), retries failed
+// writes with backoff, and a full pass every ResyncInterval, until ctx ends.
+func (r *Reconciler) Run(ctx context.Context, changes <-chan struct{}) error {
+	log := r.cfg.Log
+	t0 := time.Now()
+	for !r.cfg.Source.Synced() {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	log.Info("informers synced", "after", time.Since(t0).Round(time.Millisecond))
+
+	var (
+		pending  bool      // changes not yet processed
+		since    time.Time // first of them
+		lastRun  time.Time
+		retryAt  time.Time // zero: no write retry due
+		holdOff  time.Time // after a failed pass: no pass before this
+		backoff  = r.cfg.RetryInterval
+		nextFull time.Time // zero: at once
+	)
+	// Drain a signal raised by the initial lists: the first pass covers it.
+	select {
+	case <-changes:
+	default:
+	}
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		now := time.Now()
+		full := !r.Ready() || !now.Before(nextFull)
+		due := full || (pending && !now.Before(lastRun.Add(r.cfg.MinInterval))) ||
+			(!retryAt.IsZero() && !now.Before(retryAt))
+		if due && !now.Before(holdOff) {
+			st, err := r.Reconcile(full)
+			lastRun = time.Now()
+			if err != nil {
+				log.Error("reconcile pass failed; will retry", "err", err, "in", backoff)
+				holdOff, backoff = lastRun.Add(backoff), min(2*backoff, r.cfg.ResyncInterval)
+				continue
+			}
+			if pending {
+				if m := r.cfg.Metrics; m != nil {
+					m.SyncLag.Observe(lastRun.Sub(since).Seconds())
+				}
+			}
+			pending = false
+			r.pendingSince.Store(0)
+			if full {
+				nextFull = lastRun.Add(r.cfg.ResyncInterval)
+				if !r.Ready() {
+					r.ready.Store(true)
+					log.Info("first full sync done", "services", st.Services, "backends", st.Backends,
+						"errors", st.Errors, "took", st.Duration.Round(time.Microsecond))
+				}
+			}
+			if st.Errors > 0 {
+				retryAt, backoff = lastRun.Add(backoff), min(2*backoff, r.cfg.ResyncInterval)
+			} else {
+				retryAt, backoff = time.Time{}, r.cfg.RetryInterval
+			}
+			if st.Upserts+st.Deletes > 0 && !full {
+				log.Debug("reconciled", "upserts", st.Upserts, "deletes", st.Deletes,
+					"services", st.Services, "took", st.Duration.Round(time.Microsecond))
+			}
+			continue
+		}
+
+		next := nextFull
+		if pending {
+			next = earliest(next, lastRun.Add(r.cfg.MinInterval))
+		}
+		if !retryAt.IsZero() {
+			next = earliest(next, retryAt)
+		}
+		if next.Before(holdOff) {
+			next = holdOff
+		}
+		timer.Reset(time.Until(next))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-changes:
+			if !pending {
+				pending, since = true, time.Now()
+				r.pendingSince.Store(since.UnixNano())
+			}
+		case <-timer.C:
+		}
+		timer.Stop() // Go >= 1.23: no stale tick survives Stop or Reset
+	}
+}
+
+func earliest(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// key is the map key of a frontend: IPv4-mapped addresses unmapped, as the
+// maps store them.
+func key(fe lbmap.Frontend) lbmap.Frontend {
+	fe.Addr = fe.Addr.Unmap()
+	return fe
+}
+
+func sameService(a, b lbmap.Service) bool {
+	if key(a.Frontend) != key(b.Frontend) || a.Affinity != b.Affinity || len(a.Backends) != len(b.Backends) {
+		return false
+	}
+	for i := range a.Backends {
+		x, y := a.Backends[i], b.Backends[i]
+		if x.Addr.Unmap() != y.Addr.Unmap() || x.Port != y.Port {
+			return false
+		}
+	}
+	return true
+}
+
+// sameState compares a Dump with the applied set.
+func sameState(dump []lbmap.Service, applied map[lbmap.Frontend]lbmap.Service) bool {
+	if len(dump) != len(applied) {
+		return false
+	}
+	for _, s := range dump {
+		a, ok := applied[key(s.Frontend)]
+		if !ok || !sameService(a, s) {
+			return false
+		}
+	}
+	return true
+}
+
+func distinctBackends(applied map[lbmap.Frontend]lbmap.Service) int {
+	seen := map[lbmap.Backend]bool{}
+	for _, s := range applied {
+		for _, b := range s.Backends {
+			b.Addr = b.Addr.Unmap()
+			seen[b] = true
+		}
+	}
+	return len(seen)
+}

@@ -1,0 +1,187 @@
+// Package watch follows the API server with client-go shared informers:
+// Services, EndpointSlices and this node's Node object. It keeps no state of
+// its own: every change raises one coalesced signal, and the reconciler reads
+// the current state from the listers when it gets to it.
+//
+// Selection follows kube-proxy: Services labelled
+// service.kubernetes.io/service-proxy-name (unless the value is our
+// --proxy-name) and headless EndpointSlices are filtered by the API server
+// where a label selector can express it; agent/model applies the same rules
+// again, so the result never depends on the filter being there.
+package watch
+
+import (
+	"context"
+	"fmt"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/selection"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	discoverylisters "k8s.io/client-go/listers/discovery/v1"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/kpfree/kpfree/agent/model"
+)
+
+// Options for a Watcher.
+type Options struct {
+	// NodeName is this node; empty: no Node informer.
+	NodeName string
+	// ProxyName is our service.kubernetes.io/service-proxy-name value ("":
+	// only unlabelled Services).
+	ProxyName string
+}
+
+// Snapshot is the current state as the informers see it. The objects belong
+// to the informer caches: read them, never modify them.
+type Snapshot struct {
+	Services       []*corev1.Service
+	EndpointSlices []*discoveryv1.EndpointSlice
+	Node           *corev1.Node // nil when unknown
+}
+
+// Watcher runs the informers and signals changes.
+type Watcher struct {
+	opts      Options
+	factory   informers.SharedInformerFactory
+	nodes     informers.SharedInformerFactory // nil without NodeName
+	svcLister corelisters.ServiceLister
+	esLister  discoverylisters.EndpointSliceLister
+	node      corelisters.NodeLister
+	synced    []cache.InformerSynced
+	changes   chan struct{}
+}
+
+// LabelSelector is what the API server filters Services and EndpointSlices
+// by: not headless, and, without a proxy name, no service-proxy-name label.
+// With a proxy name, "unlabelled or ours" is not expressible as one selector,
+// so the model filters that.
+func LabelSelector(proxyName string) labels.Selector {
+	sel := labels.NewSelector()
+	notHeadless, _ := labels.NewRequirement(model.LabelHeadless, selection.DoesNotExist, nil)
+	sel = sel.Add(*notHeadless)
+	if proxyName == "" {
+		noProxy, _ := labels.NewRequirement(model.LabelServiceProxyName, selection.DoesNotExist, nil)
+		sel = sel.Add(*noProxy)
+	}
+	return sel
+}
+
+// New sets up the informers (nothing runs before Start).
+func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
+	w := &Watcher{opts: o, changes: make(chan struct{}, 1)}
+	sel := LabelSelector(o.ProxyName).String()
+	// No informer resync: the reconciler resyncs the maps on its own
+	// schedule, and a relist brings nothing new.
+	w.factory = informers.NewSharedInformerFactoryWithOptions(cs, 0,
+		informers.WithTweakListOptions(func(lo *metav1.ListOptions) { lo.LabelSelector = sel }))
+	svcs := w.factory.Core().V1().Services()
+	slices := w.factory.Discovery().V1().EndpointSlices()
+	w.svcLister, w.esLister = svcs.Lister(), slices.Lister()
+	for _, inf := range []cache.SharedIndexInformer{svcs.Informer(), slices.Informer()} {
+		reg, err := inf.AddEventHandler(w.handler())
+		if err != nil {
+			return nil, fmt.Errorf("watch: %w", err)
+		}
+		w.synced = append(w.synced, reg.HasSynced)
+	}
+	if o.NodeName != "" {
+		w.nodes = informers.NewSharedInformerFactoryWithOptions(cs, 0,
+			informers.WithTweakListOptions(func(lo *metav1.ListOptions) {
+				lo.FieldSelector = fields.OneTermEqualSelector("metadata.name", o.NodeName).String()
+			}))
+		nodes := w.nodes.Core().V1().Nodes()
+		w.node = nodes.Lister()
+		reg, err := nodes.Informer().AddEventHandler(w.handler())
+		if err != nil {
+			return nil, fmt.Errorf("watch: %w", err)
+		}
+		w.synced = append(w.synced, reg.HasSynced)
+	}
+	return w, nil
+}
+
+func (w *Watcher) handler() cache.ResourceEventHandler {
+	return cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { w.signal() },
+		UpdateFunc: func(oldObj, newObj any) {
+			o, ok1 := oldObj.(metav1.Object)
+			n, ok2 := newObj.(metav1.Object)
+			if ok1 && ok2 && o.GetResourceVersion() == n.GetResourceVersion() {
+				return // a relist, not a change
+			}
+			w.signal()
+		},
+		DeleteFunc: func(any) { w.signal() },
+	}
+}
+
+// signal raises the change flag; a flag already up absorbs it.
+func (w *Watcher) signal() {
+	select {
+	case w.changes <- struct{}{}:
+	default:
+	}
+}
+
+// Changes delivers at most one pending signal however many changes happened
+// since it was last received.
+func (w *Watcher) Changes() <-chan struct{} { return w.changes }
+
+// Start runs the informers until ctx ends.
+func (w *Watcher) Start(ctx context.Context) {
+	w.factory.Start(ctx.Done())
+	if w.nodes != nil {
+		w.nodes.Start(ctx.Done())
+	}
+}
+
+// Shutdown waits for the informers' goroutines after ctx has ended.
+func (w *Watcher) Shutdown() {
+	w.factory.Shutdown()
+	if w.nodes != nil {
+		w.nodes.Shutdown()
+	}
+}
+
+// Synced reports whether every informer has delivered its initial list.
+func (w *Watcher) Synced() bool {
+	for _, s := range w.synced {
+		if !s() {
+			return false
+		}
+	}
+	return true
+}
+
+// WaitForSync blocks until Synced or ctx ends, and reports which.
+func (w *Watcher) WaitForSync(ctx context.Context) bool {
+	return cache.WaitForCacheSync(ctx.Done(), w.synced...)
+}
+
+// NodeName is the node the watcher was set up for.
+func (w *Watcher) NodeName() string { return w.opts.NodeName }
+
+// Snapshot lists the current state from the informer caches.
+func (w *Watcher) Snapshot() (Snapshot, error) {
+	var s Snapshot
+	var err error
+	if s.Services, err = w.svcLister.List(labels.Everything()); err != nil {
+		return s, fmt.Errorf("watch: list services: %w", err)
+	}
+	if s.EndpointSlices, err = w.esLister.List(labels.Everything()); err != nil {
+		return s, fmt.Errorf("watch: list endpointslices: %w", err)
+	}
+	if w.node != nil {
+		if n, err := w.node.Get(w.opts.NodeName); err == nil {
+			s.Node = n
+		}
+	}
+	return s, nil
+}
