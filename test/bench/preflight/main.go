@@ -13,11 +13,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"time"
 
 	"github.com/kpfree/kpfree/internal/inventory"
 	"github.com/kpfree/kpfree/internal/lab"
+	"github.com/kpfree/kpfree/internal/ssh"
 )
 
 func main() {
@@ -33,6 +35,16 @@ func main() {
 }
 
 type result struct {
+	// The floor: the same fan-out (connect + run `true` on every host) with
+	// kpfree's ssh package in-process, no gather script. On one machine the
+	// lab hosts' sshd share its cores, so this bounds what any SSH tool
+	// can reach here.
+	FloorOneSeconds   float64 `json:"floorOneNodeMedianSeconds"`
+	FloorManySeconds  float64 `json:"floorManyNodesMedianSeconds"`
+	FloorRatio        float64 `json:"floorRatio"`
+	MachineCPUManyRun float64 `json:"machineCPUSecondsManyRun"`
+	Cores             int     `json:"cores"`
+
 	Nodes        int       `json:"nodes"`
 	Rounds       int       `json:"rounds"`
 	OneSeconds   []float64 `json:"oneNodeSeconds"`
@@ -109,6 +121,50 @@ func run(bin string, nodes, rounds int, out string) error {
 		r.ManySeconds = append(r.ManySeconds, m)
 	}
 	r.OneMedian, r.ManyMedian = median(r.OneSeconds), median(r.ManySeconds)
+
+	// CPU the whole machine spent on one 20-host run (kpfree, sshd, scripts).
+	c0 := machineCPU()
+	if _, err := time1(many); err != nil {
+		return err
+	}
+	r.MachineCPUManyRun = machineCPU() - c0
+	r.Cores = runtime.NumCPU()
+
+	targets := inv.Targets()
+	allInv, err := inventory.Load(many)
+	if err != nil {
+		return err
+	}
+	all := allInv.Targets()
+	floor := func(ts []inventory.Target) (float64, error) {
+		t0 := time.Now()
+		d := ssh.NewDialer(ssh.Options{Concurrency: 50})
+		err := ssh.ForEach(ctx, ts, 50, func(t inventory.Target) string { return t.Name },
+			func(ctx context.Context, t inventory.Target) error {
+				c, err := d.Dial(ctx, t)
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				_, err = c.Run(ctx, "true")
+				return err
+			})
+		return time.Since(t0).Seconds(), err
+	}
+	var f1, fn []float64
+	for i := 0; i < rounds; i++ {
+		a, err := floor(targets)
+		if err != nil {
+			return err
+		}
+		m, err := floor(all)
+		if err != nil {
+			return err
+		}
+		f1, fn = append(f1, a), append(fn, m)
+	}
+	r.FloorOneSeconds, r.FloorManySeconds = median(f1), median(fn)
+	r.FloorRatio = r.FloorManySeconds / r.FloorOneSeconds
 	r.Ratio = r.ManyMedian / r.OneMedian
 	fmt.Printf("preflight over 1 node:   median %.3f s (%d rounds)\n", r.OneMedian, rounds)
 	fmt.Printf("preflight over %d nodes: median %.3f s\n", nodes, r.ManyMedian)
@@ -117,6 +173,10 @@ func run(bin string, nodes, rounds int, out string) error {
 		verdict = "OVER"
 	}
 	fmt.Printf("ratio %d:1 = %.2fx (goal <= %.0fx: %s)\n", nodes, r.Ratio, r.GoalMaxRatio, verdict)
+	fmt.Printf("machine CPU for one %d-node run: %.2f s on %d cores (floor %.2f s wall if perfectly parallel)\n",
+		nodes, r.MachineCPUManyRun, r.Cores, r.MachineCPUManyRun/float64(r.Cores))
+	fmt.Printf("SSH floor (connect + `true`, in-process): 1 node %.3f s, %d nodes %.3f s, ratio %.2fx\n",
+		r.FloorOneSeconds, nodes, r.FloorManySeconds, r.FloorRatio)
 	if out != "" {
 		b, _ := json.MarshalIndent(r, "", "  ")
 		if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
@@ -125,6 +185,17 @@ func run(bin string, nodes, rounds int, out string) error {
 		return os.WriteFile(out, b, 0o644)
 	}
 	return nil
+}
+
+// machineCPU is the CPU time all processes have used, in seconds.
+func machineCPU() float64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	var user, nice, sys, idle, iowait, irq, softirq float64
+	fmt.Sscanf(string(b), "cpu %f %f %f %f %f %f %f", &user, &nice, &sys, &idle, &iowait, &irq, &softirq)
+	return (user + nice + sys + irq + softirq) / 100 // USER_HZ
 }
 
 func median(xs []float64) float64 {
