@@ -8,9 +8,13 @@ LDFLAGS := -s -w -X github.com/kpfree/kpfree/internal/version.Version=$(VERSION)
 BIN := bin
 PKGS := ./...
 
-.PHONY: all build images deps test test-unit test-integration test-kernels test-e2e generate verify lint demo bench clean k8s-binaries
+.PHONY: all build image images deps test test-unit test-integration test-kernels test-e2e generate verify lint demo bench clean k8s-binaries
 
 all: build
+
+## image: the kpfree-agent image (OCI archive + docker archive in _out/), no Docker needed
+image: build
+	$(GO) run ./hack/agent-image --bin $(BIN)/kpfree-agent --tag $(VERSION) --out-dir _out
 
 ## k8s-binaries: Kubernetes v1.34.4 + etcd + CoreDNS + agnhost from the Go module proxy, cached in ~/.cache/kpfree
 k8s-binaries:
