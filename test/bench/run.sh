@@ -6,3 +6,5 @@ cd "$(dirname "$0")/../.."
 mkdir -p _out/bench
 echo "== preflight: 1 vs 20 lab nodes"
 go run ./test/bench/preflight --kpfree bin/kpfree --nodes 20 --rounds 5 --out _out/bench/preflight.json
+echo "== agent: ClusterIP vs direct at 1/10k/50k Services, change->map, full resync, RSS"
+go run ./test/bench/agent --out _out/bench/agent.json
