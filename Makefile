@@ -8,7 +8,7 @@ LDFLAGS := -s -w -X github.com/kpfree/kpfree/internal/version.Version=$(VERSION)
 BIN := bin
 PKGS := ./...
 
-.PHONY: all build image images deps test test-unit test-integration test-kernels test-e2e generate verify lint demo bench clean k8s-binaries
+.PHONY: all build demo-preflight image images deps test test-unit test-integration test-kernels test-e2e generate verify lint demo bench clean k8s-binaries
 
 all: build
 
@@ -71,9 +71,13 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '^test/k8s/')); if [[ -n "$$out" ]]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 
-## demo: a local lab, then the main job against it
-demo: deps build
+## demo-preflight: a 3-node SSH lab and kpfree preflight against it
+demo-preflight: deps build
 	hack/demo.sh
+
+## demo: a local 2-node kubeadm lab, then the main job against it: kpfree init + kpfree verify
+demo: deps build
+	hack/demo-init.sh
 
 ## bench: benchmarks (never part of test)
 bench: deps build

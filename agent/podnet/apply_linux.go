@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -69,6 +70,27 @@ func Apply(p Plan) ([]string, error) {
 				continue
 			}
 			changed = append(changed, "deleted stale route "+dst.String())
+		}
+	}
+	// Addresses of an earlier pod CIDR on the bridge make the bridge plugin
+	// refuse new pods.
+	if p.Bridge != "" {
+		if link, err := netlink.LinkByName(p.Bridge); err == nil {
+			addrs, err := netlink.AddrList(link, netlink.FAMILY_ALL)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("list the addresses of %s: %w", p.Bridge, err))
+			}
+			for _, a := range addrs {
+				pfx, ok := prefixOf(a.IPNet)
+				if !ok || a.Scope != unix.RT_SCOPE_UNIVERSE || slices.Contains(p.BridgeAddrs, pfx) {
+					continue
+				}
+				if err := netlink.AddrDel(link, &a); err != nil {
+					errs = append(errs, fmt.Errorf("delete stale address %s of %s: %w", pfx, p.Bridge, err))
+					continue
+				}
+				changed = append(changed, fmt.Sprintf("deleted stale address %s of %s", pfx, p.Bridge))
+			}
 		}
 	}
 	return changed, errors.Join(errs...)

@@ -158,6 +158,11 @@ type Plan struct {
 	// ConfPath is where ConfList goes.
 	ConfPath string `json:"confPath"`
 	ConfList []byte `json:"-"`
+	// Bridge is the pods' bridge; BridgeAddrs its addresses, the pods'
+	// gateways: the first address of each pod CIDR (the bridge plugin's
+	// default gateway).
+	Bridge      string         `json:"bridge"`
+	BridgeAddrs []netip.Prefix `json:"bridgeAddrs"`
 	// Routes, sorted by destination.
 	Routes []Route `json:"routes"`
 	// Warnings are other nodes that get no route, and why.
@@ -184,6 +189,10 @@ func Desired(self string, nodes []Node, o Options) (Plan, error) {
 		return p, fmt.Errorf("node %s: %w", self, ErrNoPodCIDR)
 	}
 	p.PodCIDRs = slices.Clone(me.PodCIDRs)
+	p.Bridge = o.Bridge
+	for _, c := range me.PodCIDRs {
+		p.BridgeAddrs = append(p.BridgeAddrs, netip.PrefixFrom(c.Masked().Addr().Next(), c.Bits()))
+	}
 	conf, err := ConfList(me.PodCIDRs, o)
 	if err != nil {
 		return p, err
@@ -277,19 +286,77 @@ func ConfList(podCIDRs []netip.Prefix, o Options) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// Drift lists how a node differs from the plan, given its configuration
-// file's content (nil: absent) and its routes of RouteProtocol; none means
-// the node is in line.
-func (p Plan) Drift(conf []byte, routes []Route) []string {
+// Observed is a node's pod networking as it is.
+type Observed struct {
+	// Conf is the configuration file's content; nil when it is absent.
+	Conf []byte
+	// Routes are the routes of RouteProtocol.
+	Routes []Route
+	// BridgeAddrs are the bridge's global addresses (none when the bridge
+	// does not exist yet: the bridge plugin creates it with the first pod).
+	BridgeAddrs []netip.Prefix
+}
+
+const (
+	missingMarker = "@@kpfree:missing@@"
+	routesMarker  = "@@kpfree:routes@@"
+	addrsMarker   = "@@kpfree:bridge@@"
+)
+
+// ObserveCommand prints what ParseObserved reads: the configuration file,
+// the routes of RouteProtocol and the bridge's addresses. It changes
+// nothing.
+func (o Options) ObserveCommand() string {
+	return fmt.Sprintf("if [ -e %[1]s ]; then cat %[1]s; else echo '%[2]s'; fi; echo '%[3]s'; "+
+		"ip -4 route show proto %[4]d 2>/dev/null; ip -6 route show proto %[4]d 2>/dev/null; echo '%[5]s'; "+
+		"ip -o addr show dev %[6]s scope global 2>/dev/null; true",
+		o.ConfPath(), missingMarker, routesMarker, RouteProtocol, addrsMarker, o.BridgeName())
+}
+
+// ParseObserved reads ObserveCommand's output.
+func ParseObserved(out string) Observed {
+	var ob Observed
+	conf, rest, _ := strings.Cut(out, routesMarker+"\n")
+	if strings.TrimSpace(conf) != missingMarker {
+		ob.Conf = []byte(conf)
+	}
+	routes, addrs, _ := strings.Cut(rest, addrsMarker+"\n")
+	ob.Routes = ParseRoutes(routes)
+	ob.BridgeAddrs = parseAddrs(addrs)
+	return ob
+}
+
+// parseAddrs reads `ip -o addr show` lines ("5: kpfree0    inet 10.244.1.1/24 ...").
+func parseAddrs(out string) []netip.Prefix {
+	var ps []netip.Prefix
+	for line := range strings.SplitSeq(out, "\n") {
+		f := strings.Fields(line)
+		for i := 0; i+1 < len(f); i++ {
+			if f[i] == "inet" || f[i] == "inet6" {
+				if p, err := netip.ParsePrefix(f[i+1]); err == nil {
+					ps = append(ps, p)
+				}
+				break
+			}
+		}
+	}
+	return ps
+}
+
+// Drift lists how a node differs from the plan; none means the node is in
+// line. A bridge address that is not a gateway of the node's pod CIDRs (the
+// node had another pod CIDR before it was reset and joined again) is drift:
+// the bridge plugin refuses to add pods to such a bridge.
+func (p Plan) Drift(ob Observed) []string {
 	var d []string
 	switch {
-	case conf == nil:
+	case ob.Conf == nil:
 		d = append(d, p.ConfPath+" is missing")
-	case !bytes.Equal(bytes.TrimSpace(conf), bytes.TrimSpace(p.ConfList)):
+	case !bytes.Equal(bytes.TrimSpace(ob.Conf), bytes.TrimSpace(p.ConfList)):
 		d = append(d, p.ConfPath+" differs")
 	}
 	have := map[Route]bool{}
-	for _, r := range routes {
+	for _, r := range ob.Routes {
 		have[Route{Dst: r.Dst, Via: r.Via}] = true
 	}
 	want := map[Route]bool{}
@@ -300,9 +367,14 @@ func (p Plan) Drift(conf []byte, routes []Route) []string {
 			d = append(d, "route "+r.String()+" is missing")
 		}
 	}
-	for _, r := range routes {
+	for _, r := range ob.Routes {
 		if !want[Route{Dst: r.Dst, Via: r.Via}] {
 			d = append(d, "route "+r.String()+" is stale")
+		}
+	}
+	for _, a := range ob.BridgeAddrs {
+		if !slices.Contains(p.BridgeAddrs, a) {
+			d = append(d, fmt.Sprintf("bridge %s has a stale address %s", p.Bridge, a))
 		}
 	}
 	return d
@@ -331,6 +403,18 @@ func (p Plan) Script() string {
 		fmt.Fprintf(&b, "ip %s route show proto %d | while read -r dst _; do case \"$dst\" in %s) ;; *) ip %s route del \"$dst\" proto %d ;; esac; done\n",
 			fam, RouteProtocol, pattern, fam, RouteProtocol)
 	}
+	var keep []string
+	for _, a := range p.BridgeAddrs {
+		keep = append(keep, a.String())
+	}
+	pattern := "__none__"
+	if len(keep) > 0 {
+		pattern = strings.Join(keep, "|")
+	}
+	// A bridge left with the address of an earlier pod CIDR (the node was
+	// reset and joined again) makes the bridge plugin fail: drop it.
+	fmt.Fprintf(&b, "ip -o addr show dev %s scope global 2>/dev/null | while read -r _ _ _ addr _; do case \"$addr\" in %s) ;; *) ip addr del \"$addr\" dev %s ;; esac; done\n",
+		p.Bridge, pattern, p.Bridge)
 	return b.String()
 }
 

@@ -159,22 +159,27 @@ func TestScriptAndDrift(t *testing.T) {
 		"ip -4 route replace 10.244.1.0/24 via 198.18.0.12 proto 201\n",
 		`ip -4 route show proto 201 | while read -r dst _; do case "$dst" in 10.244.1.0/24) ;; *) ip -4 route del "$dst" proto 201 ;; esac; done`,
 		`case "$dst" in __none__) ;; *) ip -6 route del`,
+		`ip -o addr show dev kpfree0 scope global 2>/dev/null | while read -r _ _ _ addr _; do case "$addr" in 10.244.0.1/24) ;; *) ip addr del "$addr" dev kpfree0 ;; esac; done`,
 	} {
 		if !strings.Contains(s, want) {
 			t.Errorf("script lacks %q:\n%s", want, s)
 		}
 	}
 
-	shown := ParseRoutes("10.244.1.0/24 via 198.18.0.12 dev eth0 proto 201 \n10.244.9.0/24 via 198.18.0.19 dev eth0 proto 201\nbroken line\n")
-	got := p.Drift(p.ConfList, shown)
-	want := []string{"route 10.244.9.0/24 via 198.18.0.19 is stale"}
+	ob := ParseObserved(string(p.ConfList) + routesMarker + "\n" +
+		"10.244.1.0/24 via 198.18.0.12 dev eth0 proto 201 \n10.244.9.0/24 via 198.18.0.19 dev eth0 proto 201\nbroken line\n" + addrsMarker + "\n" +
+		"5: kpfree0    inet 10.244.0.1/24 brd 10.244.0.255 scope global kpfree0\\       valid_lft forever preferred_lft forever\n" +
+		"5: kpfree0    inet 10.244.7.1/24 brd 10.244.7.255 scope global kpfree0\\       valid_lft forever preferred_lft forever\n")
+	got := p.Drift(ob)
+	want := []string{"route 10.244.9.0/24 via 198.18.0.19 is stale", "bridge kpfree0 has a stale address 10.244.7.1/24"}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("drift (-want +got):\n%s", diff)
 	}
-	if d := p.Drift(nil, nil); len(d) != 2 || !strings.Contains(d[0], "missing") || !strings.Contains(d[1], "10.244.1.0/24 via 198.18.0.12 is missing") {
+	if d := p.Drift(Observed{}); len(d) != 2 || !strings.Contains(d[0], "missing") || !strings.Contains(d[1], "10.244.1.0/24 via 198.18.0.12 is missing") {
 		t.Errorf("drift of an empty node = %q", d)
 	}
-	if d := p.Drift(append([]byte("\n"), p.ConfList...), ParseRoutes("10.244.1.0/24 via 198.18.0.12 dev eth0 proto 201")); len(d) != 0 {
+	if d := p.Drift(Observed{Conf: append([]byte("\n"), p.ConfList...), Routes: ParseRoutes("10.244.1.0/24 via 198.18.0.12 dev eth0 proto 201"),
+		BridgeAddrs: []netip.Prefix{pfx("10.244.0.1/24")}}); len(d) != 0 {
 		t.Errorf("in-line node drifts: %q", d)
 	}
 }

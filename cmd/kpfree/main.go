@@ -79,6 +79,10 @@ func newApp() *cli.App {
 		Commands: withGlobalFlags(
 			versionCommand(),
 			preflightCommand(),
+			initCommand(),
+			verifyCommand(),
+			installCommand(),
+			uninstallCommand(),
 			labCommand(),
 		),
 		ExitErrHandler: func(*cli.Context, error) {}, // exit codes are decided in run

@@ -66,6 +66,9 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"kpfree", "preflight", "--nodes", "/nonexistent/hosts.yaml"}, exitUsage}, // unreadable
 		{[]string{"kpfree", "preflight", "--local", "--role", "boss"}, exitUsage},
 		{[]string{"kpfree", "lab", "up", "--nodes", "0"}, exitUsage},
+		{[]string{"kpfree", "install", "--api-server", "10.0.0.1:6443"}, exitUsage}, // no --kubeconfig
+		{[]string{"kpfree", "install", "--kubeconfig", "/dev/null"}, exitUsage},     // no API server address
+		{[]string{"kpfree", "install", "--kubeconfig", "/dev/null", "--api-server", "10.0.0.1"}, exitUsage},
 	}
 	for _, c := range cases {
 		if got := runQuiet(c.args); got != c.want {
