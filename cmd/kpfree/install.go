@@ -5,14 +5,12 @@ import (
 	"net"
 	"os"
 	"strconv"
-	"strings"
 
 	"github.com/urfave/cli/v2"
 	"sigs.k8s.io/yaml"
 
 	"github.com/kpfree/kpfree/internal/install"
 	"github.com/kpfree/kpfree/internal/ui"
-	"github.com/kpfree/kpfree/internal/version"
 )
 
 func installFlags() []cli.Flag {
@@ -29,7 +27,7 @@ func installCommand() *cli.Command {
 		Usage: "install or upgrade kpfree-agent with Helm (strict mode) and wait until it is Ready on every node",
 		Flags: append(installFlags(),
 			&cli.StringFlag{Name: "api-server", Usage: "`HOST:PORT` the agent reaches the API server at, directly (default: --nodes' controlPlaneEndpoint)"},
-			&cli.StringFlag{Name: "image", Usage: "agent image `REPO[:TAG]` (default the release image of this kpfree version)"},
+			&cli.StringFlag{Name: "image", Usage: "agent image `REPO[:TAG][@DIGEST]` (default: the chart's release image)"},
 			&cli.StringFlag{Name: "pull-policy", Value: "IfNotPresent", Usage: "Always, IfNotPresent or Never (an image imported into the nodes)"},
 			&cli.StringFlag{Name: "cgroup-root", Usage: "cgroup2 directory the socket programs attach to (default: the host's cgroup2 root)"},
 			&cli.StringFlag{Name: "cgroup-mount", Usage: "the host's cgroup2 mount (default /sys/fs/cgroup)"},
@@ -75,7 +73,11 @@ func installCommand() *cli.Command {
 			}
 			ctx, cancel := withTimeout(c)
 			defer cancel()
-			st := e.UI.Start(fmt.Sprintf("Installing kpfree-agent (%s:%s)", opts.Values.Image.Repository, opts.Values.Image.Tag))
+			title := "Installing kpfree-agent"
+			if ref := c.String("image"); ref != "" {
+				title += " (" + ref + ")"
+			}
+			st := e.UI.Start(title)
 			res, err := install.Install(ctx, opts)
 			st.End(err)
 			if err != nil {
@@ -133,17 +135,11 @@ func installOptions(c *cli.Context) (install.Options, error) {
 	return install.Options{Kubeconfig: kc, Namespace: c.String("namespace"), ReleaseName: c.String("release")}, nil
 }
 
-// agentImage turns REPO[:TAG] into the chart's image values; no tag means
-// this kpfree's version.
+// agentImage is --image (repository[:tag][@digest], parsed as init's
+// --agent-image is) with the pull policy; empty means the chart's default,
+// the release image of the chart's appVersion.
 func agentImage(ref, pull string) install.Image {
-	img := install.Image{Repository: "ghcr.io/kpfree/kpfree-agent", Tag: version.Get(), PullPolicy: pull}
-	if ref == "" {
-		return img
-	}
-	if i := strings.LastIndex(ref, ":"); i > strings.LastIndex(ref, "/") {
-		img.Repository, img.Tag = ref[:i], ref[i+1:]
-	} else {
-		img.Repository = ref
-	}
+	img := parseImage(ref)
+	img.PullPolicy = pull
 	return img
 }

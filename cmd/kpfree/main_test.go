@@ -87,3 +87,20 @@ func runQuiet(args []string) int {
 	os.Stdout = oldOut
 	return code
 }
+
+func TestAgentImage(t *testing.T) {
+	cases := []struct {
+		ref, repo, tag, digest string
+	}{
+		{"", "", "", ""}, // the chart's default
+		{"localhost/kpfree-agent:dev", "localhost/kpfree-agent", "dev", ""},
+		{"registry:5000/kpfree-agent", "registry:5000/kpfree-agent", "", ""},
+		{"ghcr.io/kpfree/kpfree-agent:v1@sha256:abc", "ghcr.io/kpfree/kpfree-agent", "v1", "sha256:abc"},
+	}
+	for _, c := range cases {
+		img := agentImage(c.ref, "Never")
+		if img.Repository != c.repo || img.Tag != c.tag || img.Digest != c.digest || img.PullPolicy != "Never" {
+			t.Errorf("agentImage(%q) = %+v", c.ref, img)
+		}
+	}
+}

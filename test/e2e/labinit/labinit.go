@@ -90,12 +90,7 @@ func ImportAgent(ctx context.Context, s *lab.State, dir string) error {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("build kpfree-agent: %w\n%s", err, out)
 	}
-	img, err := image.Build(image.Spec{
-		Ref:        AgentImage,
-		Base:       image.BaseFiles(),
-		Files:      []image.File{{Src: bin, Dst: "/usr/local/bin/kpfree-agent", Mode: 0o755}},
-		Entrypoint: []string{"/usr/local/bin/kpfree-agent"},
-	})
+	img, err := image.Build(image.AgentSpec(bin, AgentImage))
 	if err != nil {
 		return err
 	}
