@@ -20,21 +20,6 @@ import (
 // These tests run the real kpfree binary against lab nodes: network
 // namespaces running Debian's OpenSSH sshd.
 
-// kpfreeBin returns the binary under test: $KPFREE_BIN (make sets it), else
-// one built from this package.
-func kpfreeBin(t *testing.T) string {
-	t.Helper()
-	if p := os.Getenv("KPFREE_BIN"); p != "" {
-		return p
-	}
-	p := filepath.Join(t.TempDir(), "kpfree")
-	out, err := exec.Command("go", "build", "-o", p, ".").CombinedOutput()
-	if err != nil {
-		t.Fatalf("build kpfree: %v\n%s", err, out)
-	}
-	return p
-}
-
 type result struct {
 	code           int
 	stdout, stderr string
@@ -144,7 +129,7 @@ func assertReached(t *testing.T, p preflightJSON, hosts ...string) {
 
 func TestIntegrationPreflight(t *testing.T) {
 	s := labtest.New(t, 3)
-	bin := kpfreeBin(t)
+	bin := labtest.KpfreeBin(t)
 	enableForwarding(t, s)
 
 	t.Run("root", func(t *testing.T) {
@@ -268,7 +253,7 @@ func TestIntegrationPreflight(t *testing.T) {
 
 func TestIntegrationBadInventoryExits2(t *testing.T) {
 	labtest.Skip(t)
-	bin := kpfreeBin(t)
+	bin := labtest.KpfreeBin(t)
 	p := filepath.Join(t.TempDir(), "hosts.yaml")
 	os.WriteFile(p, []byte("apiVersion: kpfree.io/v1alpha1\nkind: Inventory\nhosts:\n  - name: a\n    address: 10.0.0.300\n    role: control-plane\n"), 0o600)
 	r := runKpfree(t, bin, "preflight", "--nodes", p)

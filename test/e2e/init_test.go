@@ -45,7 +45,7 @@ const agentHasNodePort = false
 // and a Service without endpoints.
 func TestE2EInit(t *testing.T) {
 	labtest.Skip(t)
-	bin := kpfreeBin(t)
+	bin := labtest.KpfreeBin(t)
 	lo := labtest.KubernetesOptions(t, 2)
 	t0 := time.Now()
 	s := labtest.Up(t, lo)

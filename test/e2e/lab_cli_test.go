@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,20 +13,6 @@ import (
 	"github.com/kpfree/kpfree/internal/lab"
 	labtest "github.com/kpfree/kpfree/test/lab"
 )
-
-// kpfreeBin returns the binary under test: $KPFREE_BIN (make sets it), else
-// one built from the source tree.
-func kpfreeBin(t *testing.T) string {
-	t.Helper()
-	if p := os.Getenv("KPFREE_BIN"); p != "" {
-		return p
-	}
-	p := filepath.Join(t.TempDir(), "kpfree")
-	if out, err := exec.Command("go", "build", "-o", p, "../../cmd/kpfree").CombinedOutput(); err != nil {
-		t.Fatalf("build kpfree: %v\n%s", err, out)
-	}
-	return p
-}
 
 func kpfree(t *testing.T, bin string, args ...string) string {
 	t.Helper()
@@ -48,7 +32,7 @@ func kpfree(t *testing.T, bin string, args ...string) string {
 // services started again, as after a reboot; lab down leaves nothing.
 func TestE2ELabUpKubernetesCLI(t *testing.T) {
 	o := labtest.KubernetesOptions(t, 1) // a free slot, and the images built
-	bin := kpfreeBin(t)
+	bin := labtest.KpfreeBin(t)
 	t.Cleanup(func() { labtest.Down(t, o) })
 	up := []string{"lab", "up", "--kubernetes", "--nodes", "1", "--dir", o.Dir, "--prefix", o.Prefix,
 		"--subnet", o.Subnet.String(), "--k8s-bin-dir", o.K8sBinDir, "--images", o.Images, "-o", "json"}

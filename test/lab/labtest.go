@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -142,4 +143,18 @@ func Down(tb testing.TB, o lab.Options) {
 	if left := lab.Leftovers(o.Prefix); len(left) > 0 {
 		tb.Errorf("lab down left: %s", strings.Join(left, ", "))
 	}
+}
+
+// KpfreeBin returns the kpfree binary under test: $KPFREE_BIN (make sets
+// it), else one built from this source tree into tb's temp dir.
+func KpfreeBin(tb testing.TB) string {
+	tb.Helper()
+	if p := os.Getenv("KPFREE_BIN"); p != "" {
+		return p
+	}
+	p := filepath.Join(tb.TempDir(), "kpfree")
+	if out, err := exec.Command("go", "build", "-o", p, "github.com/kpfree/kpfree/cmd/kpfree").CombinedOutput(); err != nil {
+		tb.Fatalf("build kpfree: %v\n%s", err, out)
+	}
+	return p
 }
