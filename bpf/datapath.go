@@ -17,7 +17,7 @@ import (
 // change to a map's key, value, type or flags needs a new version (or a
 // migration): pinned maps are reused by name and an incompatible one fails
 // the load.
-const PinVersion = "v1"
+const PinVersion = "v2"
 
 // MapSizes overrides the max_entries of the maps; zero keeps the default of
 // sock_lb.c. Pinned maps keep the size they were created with: changing a
@@ -29,6 +29,9 @@ type MapSizes struct {
 	Affinity      uint32 // LRU, client x service (default 65536)
 	AffinityMatch uint32 // backend x service pairs (default 65536)
 	SockRevNat    uint32 // LRU, translated sockets (default 131072)
+	CT            uint32 // LRU, tc connection tracking entries (default 131072)
+	SrcRanges     uint32 // loadBalancerSourceRanges prefixes (default 16384)
+	Maglev        uint32 // Maglev tables, one per external frontend (default 16384)
 }
 
 // Options for [Load].
@@ -68,6 +71,11 @@ type MapSet struct {
 	Affinity      *ebpf.Map
 	AffinityMatch *ebpf.Map
 	SockRevNat    *ebpf.Map
+	CT            *ebpf.Map
+	SrcRanges     *ebpf.Map
+	Maglev        *ebpf.Map
+	Devices       *ebpf.Map
+	Stats         *ebpf.Map
 }
 
 // Datapath is a loaded and attached socket load balancer.
@@ -128,6 +136,9 @@ func Spec(sizes MapSizes) (*ebpf.CollectionSpec, error) {
 		MapAffinity:   sizes.Affinity,
 		MapAffMatch:   sizes.AffinityMatch,
 		MapSockRevNat: sizes.SockRevNat,
+		MapCT:         sizes.CT,
+		MapSrcRanges:  sizes.SrcRanges,
+		MapMaglev:     sizes.Maglev,
 	} {
 		if n != 0 {
 			spec.Maps[name].MaxEntries = n
@@ -233,6 +244,11 @@ func Load(opts Options) (_ *Datapath, err error) {
 		Affinity:      d.coll.Maps[MapAffinity],
 		AffinityMatch: d.coll.Maps[MapAffMatch],
 		SockRevNat:    d.coll.Maps[MapSockRevNat],
+		CT:            d.coll.Maps[MapCT],
+		SrcRanges:     d.coll.Maps[MapSrcRanges],
+		Maglev:        d.coll.Maps[MapMaglev],
+		Devices:       d.coll.Maps[MapDevices],
+		Stats:         d.coll.Maps[MapStats],
 	}
 
 	d.cgroup, err = os.Open(opts.CgroupPath)
@@ -592,12 +608,14 @@ func NewMaps(sizes MapSizes) (MapSet, error) {
 	return MapSet{
 		Services: m[MapServices], Backends: m[MapBackends], RevNat: m[MapRevNat],
 		Affinity: m[MapAffinity], AffinityMatch: m[MapAffMatch], SockRevNat: m[MapSockRevNat],
+		CT: m[MapCT], SrcRanges: m[MapSrcRanges], Maglev: m[MapMaglev], Devices: m[MapDevices], Stats: m[MapStats],
 	}, nil
 }
 
 // Close closes every map handle in the set.
 func (m MapSet) Close() error {
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.RevNat, m.Affinity, m.AffinityMatch, m.SockRevNat} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.RevNat, m.Affinity, m.AffinityMatch, m.SockRevNat,
+		m.CT, m.SrcRanges, m.Maglev, m.Devices, m.Stats} {
 		if mp != nil {
 			mp.Close()
 		}

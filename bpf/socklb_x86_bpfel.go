@@ -15,6 +15,7 @@ import (
 
 type sockLBAffKey struct {
 	_            structs.HostLayout
+	ClientAddr   [4]uint32
 	ClientCookie uint64
 	RevNatId     uint32
 	Pad          uint32
@@ -41,6 +42,40 @@ type sockLBBackendVal struct {
 	Pad   uint8
 }
 
+type sockLBCtKey struct {
+	_     structs.HostLayout
+	Saddr [4]uint32
+	Daddr [4]uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Type  uint8
+	Pad   uint16
+}
+
+type sockLBCtVal struct {
+	_         structs.HostLayout
+	Addr      [4]uint32
+	Port      uint16
+	Flags     uint8
+	Pad       uint8
+	RevNatId  uint32
+	BackendId uint32
+	Pad2      uint32
+	Expires   uint64
+}
+
+type sockLBDevVal struct {
+	_     structs.HostLayout
+	Addr4 uint32
+	Addr6 [4]uint32
+}
+
+type sockLBMaglevVal struct {
+	_         structs.HostLayout
+	BackendId [1021]uint32
+}
+
 type sockLBRevnatVal struct {
 	_    structs.HostLayout
 	Addr [4]uint32
@@ -63,6 +98,13 @@ type sockLBSockVal struct {
 	Port     uint16
 	Pad      uint16
 	RevNatId uint32
+}
+
+type sockLBSrcRangeKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	RevNatId  uint32
+	Addr      [4]uint32
 }
 
 type sockLBSvcKey struct {
@@ -92,9 +134,14 @@ const (
 	sockLBMapKpfAffMatch   = "kpf_aff_match"
 	sockLBMapKpfAffinity   = "kpf_affinity"
 	sockLBMapKpfBackends   = "kpf_backends"
+	sockLBMapKpfCt         = "kpf_ct"
+	sockLBMapKpfDevices    = "kpf_devices"
+	sockLBMapKpfMaglev     = "kpf_maglev"
 	sockLBMapKpfRevnat     = "kpf_revnat"
 	sockLBMapKpfServices   = "kpf_services"
 	sockLBMapKpfSockRevnat = "kpf_sock_revnat"
+	sockLBMapKpfSrcRanges  = "kpf_src_ranges"
+	sockLBMapKpfStats      = "kpf_stats"
 	sockLBProgKpfConnect4  = "kpf_connect4"
 	sockLBProgKpfConnect6  = "kpf_connect6"
 	sockLBProgKpfGetpeer4  = "kpf_getpeer4"
@@ -164,9 +211,14 @@ type sockLBMapSpecs struct {
 	KpfAffMatch   *ebpf.MapSpec `ebpf:"kpf_aff_match"`
 	KpfAffinity   *ebpf.MapSpec `ebpf:"kpf_affinity"`
 	KpfBackends   *ebpf.MapSpec `ebpf:"kpf_backends"`
+	KpfCt         *ebpf.MapSpec `ebpf:"kpf_ct"`
+	KpfDevices    *ebpf.MapSpec `ebpf:"kpf_devices"`
+	KpfMaglev     *ebpf.MapSpec `ebpf:"kpf_maglev"`
 	KpfRevnat     *ebpf.MapSpec `ebpf:"kpf_revnat"`
 	KpfServices   *ebpf.MapSpec `ebpf:"kpf_services"`
 	KpfSockRevnat *ebpf.MapSpec `ebpf:"kpf_sock_revnat"`
+	KpfSrcRanges  *ebpf.MapSpec `ebpf:"kpf_src_ranges"`
+	KpfStats      *ebpf.MapSpec `ebpf:"kpf_stats"`
 }
 
 // sockLBVariableSpecs contains global variables before they are loaded into the kernel.
@@ -198,9 +250,14 @@ type sockLBMaps struct {
 	KpfAffMatch   *ebpf.Map `ebpf:"kpf_aff_match"`
 	KpfAffinity   *ebpf.Map `ebpf:"kpf_affinity"`
 	KpfBackends   *ebpf.Map `ebpf:"kpf_backends"`
+	KpfCt         *ebpf.Map `ebpf:"kpf_ct"`
+	KpfDevices    *ebpf.Map `ebpf:"kpf_devices"`
+	KpfMaglev     *ebpf.Map `ebpf:"kpf_maglev"`
 	KpfRevnat     *ebpf.Map `ebpf:"kpf_revnat"`
 	KpfServices   *ebpf.Map `ebpf:"kpf_services"`
 	KpfSockRevnat *ebpf.Map `ebpf:"kpf_sock_revnat"`
+	KpfSrcRanges  *ebpf.Map `ebpf:"kpf_src_ranges"`
+	KpfStats      *ebpf.Map `ebpf:"kpf_stats"`
 }
 
 func (m *sockLBMaps) Close() error {
@@ -208,9 +265,14 @@ func (m *sockLBMaps) Close() error {
 		m.KpfAffMatch,
 		m.KpfAffinity,
 		m.KpfBackends,
+		m.KpfCt,
+		m.KpfDevices,
+		m.KpfMaglev,
 		m.KpfRevnat,
 		m.KpfServices,
 		m.KpfSockRevnat,
+		m.KpfSrcRanges,
+		m.KpfStats,
 	)
 }
 
