@@ -55,6 +55,9 @@ a gap. Removing the datapath is 'kpfree migrate --rollback's job, not this comma
 			&cli.StringSliceFlag{Name: "devices", Usage: "NodePort: interfaces to attach to (not implemented yet: accepted and ignored)"},
 			&cli.StringFlag{Name: "nodeport-range", Value: "30000-32767", Usage: "NodePort: `FIRST-LAST`, as kube-apiserver's --service-node-port-range (not used yet)"},
 			&cli.StringFlag{Name: "lb-algorithm", Value: "random", Usage: "how a backend is picked: random (maglev is not implemented)"},
+			&cli.UintFlag{Name: "lb-map-max", Value: 65536,
+				Usage: "entries of the Service maps: frontends + backend slots (a Service with 2 endpoints takes 3), also the size of the backend, reverse-NAT and affinity-match maps; a change resizes the pinned maps at start, keeping their entries"},
+			&cli.UintFlag{Name: "ct-map-max", Value: 131072, Usage: "entries of the tc connection tracking map (LRU; 4 per SNATed flow, 2 per other flow)"},
 			&cli.DurationFlag{Name: "min-sync-interval", Value: 100 * time.Millisecond, Usage: "shortest time between two map updates (changes in between are batched)"},
 			&cli.DurationFlag{Name: "resync-interval", Value: 5 * time.Minute, Usage: "full resync period (repairs drift)"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
@@ -131,7 +134,19 @@ func runAgent(c *cli.Context) error {
 		log.Warn("attaching at a cgroup2 root: every process of this machine gets the load balancer",
 			"cgroup", cgroup, "explicit", explicit)
 	}
+	sizes, err := mapSizes(c)
+	if err != nil {
+		return err
+	}
+	resized, err := bpf.ResizePinned(bpffs, sizes)
+	if err != nil {
+		return fmt.Errorf("resize pinned maps to --lb-map-max/--ct-map-max: %w", err)
+	}
+	for _, r := range resized {
+		log.Info("resized pinned map", "map", r.Map, "from", r.From, "to", r.To, "copied", r.Copied, "dropped", r.Dropped)
+	}
 	dp, err := bpf.Load(bpf.Options{
+		MapSizes:        sizes,
 		PinDir:          bpffs,
 		CgroupPath:      cgroup,
 		AllowRootCgroup: isRoot, // the production case: the node's whole cgroup2 tree
@@ -198,6 +213,20 @@ func runAgent(c *cli.Context) error {
 	}
 	log.Info("stopped; programs stay attached and maps pinned for the next start")
 	return err
+}
+
+// mapSizes turns --lb-map-max and --ct-map-max into map sizes.
+func mapSizes(c *cli.Context) (bpf.MapSizes, error) {
+	lb, ct := c.Uint("lb-map-max"), c.Uint("ct-map-max")
+	const most = 1 << 24
+	if lb < 16 || lb > most {
+		return bpf.MapSizes{}, usagef("--lb-map-max %d: want 16 to %d", lb, most)
+	}
+	if ct < 64 || ct > most {
+		return bpf.MapSizes{}, usagef("--ct-map-max %d: want 64 to %d", ct, most)
+	}
+	n := uint32(lb)
+	return bpf.MapSizes{Services: n, Backends: n, RevNat: n, AffinityMatch: n, CT: uint32(ct)}, nil
 }
 
 // restConfig builds the API server client config: a kubeconfig, or the pod's
