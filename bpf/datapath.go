@@ -413,7 +413,9 @@ func (d *Datapath) Detach() error {
 	return errors.Join(errs...)
 }
 
-// Uninstall detaches every program pinned under pinDir from cgroupPath and
+// Uninstall detaches every program pinned under pinDir from cgroupPath, the
+// tc programs from their devices (see [Datapath.LoadNodePort]; clsact filters
+// are found by device name in the calling thread's network namespace), and
 // deletes the pins, without loading anything (rollback, or before changing
 // MapSizes).
 func Uninstall(pinDir, cgroupPath string) error {
@@ -429,6 +431,15 @@ func uninstall(dir string, cg *os.File) error {
 	var errs []error
 	for _, p := range progDefs {
 		errs = append(errs, detachPinned(dir, cg, p))
+	}
+	// The tc programs (LoadNodePort): tcx links, and clsact filters on the
+	// devices recorded under tc/clsact (looked up by name in the calling
+	// thread's network namespace).
+	errs = append(errs, detachTC(dir, nil))
+	for _, sub := range []string{tcxLinkDir(dir), clsactDir(dir), filepath.Join(dir, "tc")} {
+		if err := os.Remove(sub); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
 	}
 	maps, _ := os.ReadDir(filepath.Join(dir, "maps"))
 	for _, m := range maps {

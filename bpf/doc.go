@@ -9,6 +9,11 @@
 // backends with ECONNREFUSED instead of EPERM. See README.md for the map
 // layout and the decisions behind it.
 //
+// The tc datapath (nodeport.c, tc.go: Datapath.LoadNodePort) serves NodePort,
+// ExternalIP and LoadBalancer traffic entering the node, over the same maps:
+// DNAT at device ingress, reverse NAT and SNAT at egress, tcx links from 6.6,
+// clsact + cls_bpf before.
+//
 // The maps are written through agent/lbmap, which owns the byte order; this
 // package only loads, attaches and hands out the *ebpf.Map handles.
 package bpf

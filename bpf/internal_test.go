@@ -202,7 +202,10 @@ func TestIntegrationProbe(t *testing.T) {
 	if m := r.Missing(); len(m) > 0 {
 		t.Errorf("mandatory features missing on this kernel: %v", m)
 	}
-	degraded := r.Degraded()
+	if m := r.MissingForNodePort(); len(m) > 0 {
+		t.Errorf("mandatory tc features missing on this kernel: %v", m)
+	}
+	degraded := append(r.Degraded(), r.DegradedForNodePort()...)
 	for _, f := range r.Features {
 		want, err := kernelHas(v, f.Kernel)
 		if err != nil {

@@ -5,6 +5,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"strings"
 	"unsafe"
@@ -12,6 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 )
 
@@ -37,12 +39,34 @@ const (
 	FeatHelperNetnsCook Feature = "helper/bpf_get_netns_cookie"
 	FeatHelperSetRetval Feature = "helper/bpf_set_retval"
 	FeatCgroupLink      Feature = "link/cgroup"
+	// Every map is created by Load, so the tc datapath's map types are
+	// mandatory for the socket load balancer too.
+	FeatMapLPMTrie     Feature = "map/lpm_trie"
+	FeatMapPerCPUArray Feature = "map/percpu_array"
+)
+
+// The kernel features the tc datapath (NodePort, ExternalIPs, LoadBalancer;
+// nodeport.c) needs or can use. They carry FeatureStatus.NodePort: a missing
+// mandatory one refuses [Datapath.LoadNodePort] (Report.MissingForNodePort),
+// not the socket load balancer.
+const (
+	FeatProgSchedCLS     Feature = "prog_type/sched_cls"
+	FeatHelperLoadBytes  Feature = "helper/bpf_skb_load_bytes"
+	FeatHelperStoreBytes Feature = "helper/bpf_skb_store_bytes"
+	FeatHelperL3Csum     Feature = "helper/bpf_l3_csum_replace"
+	FeatHelperL4Csum     Feature = "helper/bpf_l4_csum_replace"
+	FeatHelperCsumDiff   Feature = "helper/bpf_csum_diff"
+	FeatTCX              Feature = "link/tcx"
 )
 
 // FeatureStatus is the probe result for one feature.
 type FeatureStatus struct {
 	Feature   Feature
-	Mandatory bool   // the datapath cannot work without it
+	Mandatory bool // the datapath cannot work without it
+	// NodePort marks the features of the tc datapath only: Missing and
+	// Degraded leave them out, MissingForNodePort and DegradedForNodePort
+	// list them.
+	NodePort  bool
 	Kernel    string // first mainline kernel that has it
 	Available bool
 	// Effect says what changes when an optional feature is missing.
@@ -65,23 +89,27 @@ type Report struct {
 	Features []FeatureStatus
 }
 
-// Missing lists the unavailable mandatory features: the datapath refuses to
-// load when this is not empty.
-func (r Report) Missing() []FeatureStatus {
-	var out []FeatureStatus
-	for _, f := range r.Features {
-		if f.Mandatory && !f.Available {
-			out = append(out, f)
-		}
-	}
-	return out
-}
+// Missing lists the unavailable mandatory features of the socket load
+// balancer: [Load] refuses when this is not empty.
+func (r Report) Missing() []FeatureStatus { return r.filter(false, true) }
 
-// Degraded lists the unavailable optional features, each with its effect.
-func (r Report) Degraded() []FeatureStatus {
+// Degraded lists the socket load balancer's unavailable optional features,
+// each with its effect.
+func (r Report) Degraded() []FeatureStatus { return r.filter(false, false) }
+
+// MissingForNodePort lists the unavailable mandatory features of the tc
+// datapath: [Datapath.LoadNodePort] refuses when this is not empty. An agent
+// that serves NodePorts in strict mode checks it beside Missing.
+func (r Report) MissingForNodePort() []FeatureStatus { return r.filter(true, true) }
+
+// DegradedForNodePort lists the tc datapath's unavailable optional features
+// (tcx: clsact is used instead).
+func (r Report) DegradedForNodePort() []FeatureStatus { return r.filter(true, false) }
+
+func (r Report) filter(nodePort, mandatory bool) []FeatureStatus {
 	var out []FeatureStatus
 	for _, f := range r.Features {
-		if !f.Mandatory && !f.Available {
+		if f.NodePort == nodePort && f.Mandatory == mandatory && !f.Available {
 			out = append(out, f)
 		}
 	}
@@ -141,41 +169,53 @@ func (e *MissingError) Is(target error) bool { return target == ebpf.ErrNotSuppo
 type featureDef struct {
 	feature   Feature
 	mandatory bool
+	nodePort  bool
 	kernel    string
 	effect    string
 	probe     func() error
 }
 
 var featureDefs = []featureDef{
-	{FeatProgSockAddr, true, "4.17", "", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
-	{FeatConnect4, true, "4.17", "", probeAttach(ebpf.AttachCGroupInet4Connect)},
-	{FeatConnect6, true, "4.17", "", probeAttach(ebpf.AttachCGroupInet6Connect)},
-	{FeatSendmsg4, true, "4.18", "", probeAttach(ebpf.AttachCGroupUDP4Sendmsg)},
-	{FeatSendmsg6, true, "4.18", "", probeAttach(ebpf.AttachCGroupUDP6Sendmsg)},
-	{FeatRecvmsg4, true, "5.2 or 4.19.57", "", probeAttach(ebpf.AttachCGroupUDP4Recvmsg)},
-	{FeatRecvmsg6, true, "5.2 or 4.19.57", "", probeAttach(ebpf.AttachCGroupUDP6Recvmsg)},
-	{FeatMapHash, true, "3.19", "", func() error { return features.HaveMapType(ebpf.Hash) }},
-	{FeatMapLRUHash, true, "4.10", "", func() error { return features.HaveMapType(ebpf.LRUHash) }},
-	{FeatHelperPrandom, true, "4.17", "", probeHelper(asm.FnGetPrandomU32)},
-	{FeatHelperKtime, true, "4.17", "", probeHelper(asm.FnKtimeGetNs)},
-	{FeatGetpeername4, false, "5.8",
+	{FeatProgSockAddr, true, false, "4.17", "", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
+	{FeatConnect4, true, false, "4.17", "", probeAttach(ebpf.AttachCGroupInet4Connect)},
+	{FeatConnect6, true, false, "4.17", "", probeAttach(ebpf.AttachCGroupInet6Connect)},
+	{FeatSendmsg4, true, false, "4.18", "", probeAttach(ebpf.AttachCGroupUDP4Sendmsg)},
+	{FeatSendmsg6, true, false, "4.18", "", probeAttach(ebpf.AttachCGroupUDP6Sendmsg)},
+	{FeatRecvmsg4, true, false, "5.2 or 4.19.57", "", probeAttach(ebpf.AttachCGroupUDP4Recvmsg)},
+	{FeatRecvmsg6, true, false, "5.2 or 4.19.57", "", probeAttach(ebpf.AttachCGroupUDP6Recvmsg)},
+	{FeatMapHash, true, false, "3.19", "", func() error { return features.HaveMapType(ebpf.Hash) }},
+	{FeatMapLRUHash, true, false, "4.10", "", func() error { return features.HaveMapType(ebpf.LRUHash) }},
+	{FeatHelperPrandom, true, false, "4.17", "", probeHelper(asm.FnGetPrandomU32)},
+	{FeatHelperKtime, true, false, "4.17", "", probeHelper(asm.FnKtimeGetNs)},
+	{FeatGetpeername4, false, false, "5.8",
 		"getpeername() on a translated IPv4 socket reports the backend, not the VIP",
 		probeAttach(ebpf.AttachCgroupInet4GetPeername)},
-	{FeatGetpeername6, false, "5.8",
+	{FeatGetpeername6, false, false, "5.8",
 		"getpeername() on a translated IPv6 socket reports the backend, not the VIP",
 		probeAttach(ebpf.AttachCgroupInet6GetPeername)},
-	{FeatHelperSockCook, false, "4.19",
+	{FeatHelperSockCook, false, false, "4.19",
 		"reverse translation is keyed by backend address only, shared by all sockets",
 		probeHelper(asm.FnGetSocketCookie)},
-	{FeatHelperNetnsCook, false, "5.7",
+	{FeatHelperNetnsCook, false, false, "5.7",
 		"ClientIP affinity is shared by all clients of the node, not kept per network namespace",
 		probeHelper(asm.FnGetNetnsCookie)},
-	{FeatHelperSetRetval, false, "5.18",
+	{FeatHelperSetRetval, false, false, "5.18",
 		"a Service without backends refuses with EPERM instead of ECONNREFUSED",
 		probeHelper(asm.FnSetRetval)},
-	{FeatCgroupLink, false, "5.7",
+	{FeatCgroupLink, false, false, "5.7",
 		"programs are attached with BPF_PROG_ATTACH (ALLOW_MULTI) instead of pinned bpf_links",
 		probeCgroupLink},
+	{FeatProgSchedCLS, true, true, "4.1", "", func() error { return features.HaveProgramType(ebpf.SchedCLS) }},
+	{FeatMapLPMTrie, true, false, "4.11", "", func() error { return features.HaveMapType(ebpf.LPMTrie) }},
+	{FeatMapPerCPUArray, true, false, "4.6", "", func() error { return features.HaveMapType(ebpf.PerCPUArray) }},
+	{FeatHelperLoadBytes, true, true, "4.5", "", probeTCHelper(asm.FnSkbLoadBytes)},
+	{FeatHelperStoreBytes, true, true, "4.1", "", probeTCHelper(asm.FnSkbStoreBytes)},
+	{FeatHelperL3Csum, true, true, "4.1", "", probeTCHelper(asm.FnL3CsumReplace)},
+	{FeatHelperL4Csum, true, true, "4.1", "", probeTCHelper(asm.FnL4CsumReplace)},
+	{FeatHelperCsumDiff, true, true, "4.6", "", probeTCHelper(asm.FnCsumDiff)},
+	{FeatTCX, false, true, "6.6",
+		"tc programs are attached as cls_bpf filters on a clsact qdisc instead of pinned tcx links",
+		probeTCX},
 }
 
 // Probe checks every program type, attach type, map type and helper the
@@ -200,6 +240,7 @@ func Probe() (Report, error) {
 		r.Features = append(r.Features, FeatureStatus{
 			Feature:   d.feature,
 			Mandatory: d.mandatory,
+			NodePort:  d.nodePort,
 			Kernel:    d.kernel,
 			Available: err == nil,
 			Effect:    d.effect,
@@ -258,4 +299,32 @@ func probeCgroupLink() error {
 	default:
 		return errno
 	}
+}
+
+// probeTCHelper checks a helper for SCHED_CLS programs.
+func probeTCHelper(fn asm.BuiltinFunc) func() error {
+	return func() error { return features.HaveProgramHelper(ebpf.SchedCLS, fn) }
+}
+
+// probeTCX creates a tcx link on an interface index that cannot exist: ENODEV
+// means BPF_LINK_CREATE knows tcx (6.6+). Nothing is attached anywhere.
+func probeTCX() error {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.SchedCLS,
+		License:      "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()},
+	})
+	if err != nil {
+		return err
+	}
+	defer prog.Close()
+	l, err := link.AttachTCX(link.TCXOptions{Interface: math.MaxInt32, Program: prog, Attach: ebpf.AttachTCXIngress})
+	switch {
+	case err == nil:
+		l.Close()
+		return errors.New("tcx attach to a missing interface succeeded")
+	case errors.Is(err, unix.ENODEV):
+		return nil
+	}
+	return err
 }
