@@ -5,12 +5,15 @@ package lbmap
 import (
 	"errors"
 	"math/rand/v2"
+	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/kpfree/kpfree/bpf"
@@ -42,6 +45,8 @@ func kernelContent(t *testing.T, m bpf.MapSet) *memStore {
 		st.backends(func(id uint32, v bpf.BackendVal) { got.backend[id] = v }),
 		st.revNats(func(id uint32, v bpf.RevNatVal) { got.revNat[id] = v }),
 		st.matches(func(k bpf.AffMatchKey) { got.match[k] = true }),
+		st.ranges(func(k bpf.SrcRangeKey) { got.srcRanges[k] = true }),
+		st.maglevs(func(rn uint32, v *bpf.MaglevVal) { got.tables[rn] = *v }),
 	)
 	if err != nil {
 		t.Fatal(err)
@@ -59,7 +64,8 @@ func TestIntegrationBPFMatchesFake(t *testing.T) {
 	}
 	fake := NewFake(Capacity{})
 	rng := rand.New(rand.NewPCG(3, 4))
-	fes := []Frontend{fe4("10.96.0.1", 80, TCP), fe4("10.96.0.1", 53, UDP), fe4("fd00::1", 80, TCP), fe4("fd00::2", 443, TCP)}
+	fes := []Frontend{fe4("10.96.0.1", 80, TCP), fe4("10.96.0.1", 53, UDP), fe4("fd00::1", 80, TCP), fe4("fd00::2", 443, TCP),
+		extFE("10.96.0.1", 80), extFE("fd00::2", 443)}
 	for step := range 200 {
 		fe := fes[rng.IntN(len(fes))]
 		s := Service{Frontend: fe}
@@ -72,6 +78,17 @@ func TestIntegrationBPFMatchesFake(t *testing.T) {
 		}
 		if rng.IntN(3) == 0 {
 			s.Affinity = time.Minute
+		}
+		for i := range s.Backends {
+			s.Backends[i].Local = s.Backends[i].Addr.As16()[15]%2 == 1
+		}
+		if fe.Scope == ScopeExternal || rng.IntN(2) == 0 {
+			s.External, s.LocalOnly, s.Maglev = true, rng.IntN(2) == 0, rng.IntN(2) == 0
+			for _, p := range []string{"10.0.0.0/8", "192.0.2.0/24", "0.0.0.0/0", "fd00::/8", "2001:db8::/48", "::/0"} {
+				if pp := pfx(p); pp.Addr().Is4() == fe.Addr.Is4() && rng.IntN(3) == 0 {
+					s.SourceRanges = append(s.SourceRanges, pp)
+				}
+			}
 		}
 		var e1, e2 error
 		if rng.IntN(5) == 0 {
@@ -93,6 +110,8 @@ func TestIntegrationBPFMatchesFake(t *testing.T) {
 		"backends": cmp.Diff(fake.mem.backend, k.backend),
 		"revnat":   cmp.Diff(fake.mem.revNat, k.revNat),
 		"match":    cmp.Diff(fake.mem.match, k.match),
+		"ranges":   cmp.Diff(fake.mem.srcRanges, k.srcRanges),
+		"maglev":   cmp.Diff(fake.mem.tables, k.tables),
 	} {
 		if d != "" {
 			t.Errorf("%s map differs (-fake +kernel):\n%s", name, d)
@@ -117,7 +136,8 @@ func TestIntegrationBPFMatchesFake(t *testing.T) {
 		t.Fatal(err)
 	}
 	after := kernelContent(t, m)
-	if !cmp.Equal(before.svc, after.svc) || !cmp.Equal(before.backend, after.backend) {
+	if !cmp.Equal(before.svc, after.svc) || !cmp.Equal(before.backend, after.backend) ||
+		!cmp.Equal(before.srcRanges, after.srcRanges) || !cmp.Equal(before.tables, after.tables) {
 		t.Fatal("unchanged Sync after restore rewrote entries")
 	}
 }
@@ -128,7 +148,7 @@ func TestIntegrationBPFMapFull(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tbl.cap != (Capacity{Services: 4, Backends: 2, RevNat: 2, AffinityMatch: 4}) {
+	if tbl.cap != (Capacity{Services: 4, Backends: 2, RevNat: 2, AffinityMatch: 4, SrcRanges: 16384, Maglev: 16384}) {
 		t.Fatalf("capacity from MaxEntries: %+v", tbl.cap)
 	}
 	if err := tbl.Upsert(Service{Frontend: fe4("10.96.0.1", 80, TCP), Backends: []Backend{be("10.0.0.1", 80), be("10.0.0.2", 80)}}); err != nil {
@@ -147,5 +167,138 @@ func TestIntegrationBPFMapFull(t *testing.T) {
 	}
 	if err := tbl.Verify(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The kernel's LPM trie answers lookups for the keys lbmap writes as the tc
+// datapath expects: an IPv4 client inside a range of its Service matches,
+// outside it or under another Service's rev-nat id does not.
+func TestIntegrationSrcRangeLookup(t *testing.T) {
+	m := bpfMaps(t, bpf.MapSizes{})
+	tbl, err := New(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s4 := Service{Frontend: fe4("203.0.113.10", 443, TCP), External: true, Backends: []Backend{be("10.0.0.1", 443)},
+		SourceRanges: []netip.Prefix{pfx("10.0.0.0/8"), pfx("192.0.2.128/25")}}
+	s6 := Service{Frontend: fe4("2001:db8::10", 443, TCP), External: true, Backends: []Backend{be("fd00::1", 443)},
+		SourceRanges: []netip.Prefix{pfx("fd00:1::/32")}}
+	if err := tbl.Sync([]Service{s4, s6}); err != nil {
+		t.Fatal(err)
+	}
+	d := mustDump(t, tbl)
+	ids := map[Frontend]uint32{}
+	for _, s := range d {
+		ids[s.Frontend] = s.RevNatID
+	}
+	lookup := func(rn uint32, client string) bool {
+		k := srcRangeKey(rn, netip.PrefixFrom(netip.MustParseAddr(client), netip.MustParseAddr(client).BitLen()))
+		var v uint8
+		err := m.SrcRanges.Lookup(&k, &v)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			t.Fatal(err)
+		}
+		return err == nil && v == 1
+	}
+	rn4, rn6 := ids[s4.Frontend], ids[s6.Frontend]
+	for _, c := range []struct {
+		rn     uint32
+		client string
+		want   bool
+	}{
+		{rn4, "10.1.2.3", true}, {rn4, "192.0.2.200", true}, {rn4, "192.0.2.100", false}, {rn4, "11.0.0.1", false},
+		{rn6, "fd00:1::5", true}, {rn6, "fd00:2::5", false}, {rn6, "10.1.2.3", false}, {rn4, "fd00:1::5", false},
+	} {
+		if got := lookup(c.rn, c.client); got != c.want {
+			t.Errorf("rev-nat %d, client %s: allowed=%v, want %v", c.rn, c.client, got, c.want)
+		}
+	}
+}
+
+func TestIntegrationDevicesStatsConntrack(t *testing.T) {
+	m := bpfMaps(t, bpf.MapSizes{})
+
+	// Devices: replaced whole, byte order as the datapath reads it.
+	if err := WriteDevices(m.Devices, map[int]DeviceAddrs{
+		2: {V4: netip.MustParseAddr("198.19.1.2"), V6: netip.MustParseAddr("fd00:198:19::2")},
+		3: {V4: netip.MustParseAddr("198.19.2.2")},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var dv bpf.DevVal
+	k := uint32(2)
+	if err := m.Devices.Lookup(&k, &dv); err != nil {
+		t.Fatal(err)
+	}
+	if b := mapBytes(t, &dv); !slices.Equal(b[:4], []byte{198, 19, 1, 2}) || b[4] != 0xfd || b[19] != 2 {
+		t.Fatalf("dev_val bytes %x", b)
+	}
+	if err := WriteDevices(m.Devices, map[int]DeviceAddrs{3: {V6: netip.MustParseAddr("fd00::3")}}); err != nil {
+		t.Fatal(err)
+	}
+	devs, err := ReadDevices(m.Devices)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(devs) != 1 || devs[3].V4.IsValid() || devs[3].V6 != netip.MustParseAddr("fd00::3") {
+		t.Fatalf("devices after replace: %+v", devs)
+	}
+	if err := WriteDevices(m.Devices, map[int]DeviceAddrs{4: {V4: netip.MustParseAddr("fd00::1")}}); err == nil {
+		t.Fatal("IPv6 address as V4 accepted")
+	}
+
+	// Stats: summed over CPUs.
+	var per []uint64
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range ncpu {
+		per = append(per, uint64(10+i))
+	}
+	sk := uint32(bpf.StatDropSrcRange)
+	if err := m.Stats.Put(&sk, per); err != nil {
+		t.Fatal(err)
+	}
+	stats, err := ReadStats(m.Stats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := uint64(0)
+	for _, v := range per {
+		want += v
+	}
+	if stats["drop_src_range"] != want || stats["dnat"] != 0 || len(stats) != int(bpf.StatMax) {
+		t.Fatalf("stats %v, want drop_src_range=%d", stats, want)
+	}
+
+	// Conntrack: expired entries go, live ones stay and read back.
+	now, err := MonotonicNow()
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(sport uint16, typ uint8, expires time.Duration) {
+		k := bpf.CTKey{Saddr: addrToMap(netip.MustParseAddr("192.0.2.1")), Daddr: addrToMap(netip.MustParseAddr("198.19.1.2")),
+			Sport: portToMap(sport), Dport: portToMap(30080), Proto: uint8(TCP), Type: typ}
+		v := bpf.CTVal{Addr: addrToMap(netip.MustParseAddr("10.244.1.5")), Port: portToMap(8080), Flags: bpf.CTFlagSNAT,
+			RevNatId: 3, BackendId: 5, Expires: uint64(expires)}
+		if err := m.CT.Put(&k, &v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(40000, bpf.CTFwd, now+time.Minute)
+	put(40001, bpf.CTFwd, now-time.Second)
+	put(40002, bpf.CTReply, now-time.Minute)
+	deleted, live, err := GCConntrack(m.CT, now)
+	if err != nil || deleted != 2 || live != 1 {
+		t.Fatalf("GC: deleted %d, live %d, err %v", deleted, live, err)
+	}
+	ents, err := DumpConntrack(m.CT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := FormatConntrack(ents, now)
+	if want := "CT fwd TCP 192.0.2.1:40000 -> 198.19.1.2:30080 => 10.244.1.5:8080 snat revnat=3 backend=5 expires=1m0s\n"; got != want {
+		t.Fatalf("conntrack:\n%s\nwant:\n%s", got, want)
 	}
 }

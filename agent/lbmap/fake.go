@@ -33,6 +33,12 @@ func NewFake(c Capacity) *Fake {
 	if c.AffinityMatch == 0 {
 		c.AffinityMatch = d.AffinityMatch
 	}
+	if c.SrcRanges == 0 {
+		c.SrcRanges = d.SrcRanges
+	}
+	if c.Maglev == 0 {
+		c.Maglev = d.Maglev
+	}
 	mem := newMemStore(c)
 	t, err := newTable(mem, c)
 	if err != nil {
@@ -58,26 +64,30 @@ func (f *Fake) Writes() int {
 // memStore mirrors the BPF maps in memory, keyed by the same raw structs, so
 // the byte-order code runs in unit tests too.
 type memStore struct {
-	mu       sync.Mutex
-	cap      Capacity
-	svc      map[bpf.SvcKey]bpf.SvcVal
-	backend  map[uint32]bpf.BackendVal
-	revNat   map[uint32]bpf.RevNatVal
-	match    map[bpf.AffMatchKey]bool
-	writes   int
-	failIn   int // -1: none
-	failErr  error
-	afterOne func() // test hook, called after each successful write
+	mu        sync.Mutex
+	cap       Capacity
+	svc       map[bpf.SvcKey]bpf.SvcVal
+	backend   map[uint32]bpf.BackendVal
+	revNat    map[uint32]bpf.RevNatVal
+	match     map[bpf.AffMatchKey]bool
+	srcRanges map[bpf.SrcRangeKey]bool
+	tables    map[uint32]bpf.MaglevVal
+	writes    int
+	failIn    int // -1: none
+	failErr   error
+	afterOne  func() // test hook, called after each successful write
 }
 
 func newMemStore(c Capacity) *memStore {
 	return &memStore{
-		cap:     c,
-		svc:     map[bpf.SvcKey]bpf.SvcVal{},
-		backend: map[uint32]bpf.BackendVal{},
-		revNat:  map[uint32]bpf.RevNatVal{},
-		match:   map[bpf.AffMatchKey]bool{},
-		failIn:  -1,
+		cap:       c,
+		svc:       map[bpf.SvcKey]bpf.SvcVal{},
+		backend:   map[uint32]bpf.BackendVal{},
+		revNat:    map[uint32]bpf.RevNatVal{},
+		match:     map[bpf.AffMatchKey]bool{},
+		srcRanges: map[bpf.SrcRangeKey]bool{},
+		tables:    map[uint32]bpf.MaglevVal{},
+		failIn:    -1,
 	}
 }
 
@@ -136,6 +146,19 @@ func (m *memStore) delMatch(k bpf.AffMatchKey) error {
 	return m.write(func() error { delete(m.match, k); return nil })
 }
 
+func (m *memStore) putRange(k bpf.SrcRangeKey) error {
+	return m.write(func() error { return memPut(m.srcRanges, bpf.MapSrcRanges, m.cap.SrcRanges, k, true) })
+}
+func (m *memStore) delRange(k bpf.SrcRangeKey) error {
+	return m.write(func() error { delete(m.srcRanges, k); return nil })
+}
+func (m *memStore) putMaglev(revNat uint32, v *bpf.MaglevVal) error {
+	return m.write(func() error { return memPut(m.tables, bpf.MapMaglev, m.cap.Maglev, revNat, *v) })
+}
+func (m *memStore) delMaglev(revNat uint32) error {
+	return m.write(func() error { delete(m.tables, revNat); return nil })
+}
+
 func (m *memStore) services(fn func(bpf.SvcKey, bpf.SvcVal)) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -165,6 +188,22 @@ func (m *memStore) matches(fn func(bpf.AffMatchKey)) error {
 	defer m.mu.Unlock()
 	for k := range m.match {
 		fn(k)
+	}
+	return nil
+}
+func (m *memStore) ranges(fn func(bpf.SrcRangeKey)) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for k := range m.srcRanges {
+		fn(k)
+	}
+	return nil
+}
+func (m *memStore) maglevs(fn func(uint32, *bpf.MaglevVal)) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for k, v := range m.tables {
+		fn(k, &v)
 	}
 	return nil
 }

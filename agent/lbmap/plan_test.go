@@ -112,7 +112,7 @@ func TestPlanUpsert(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := opStrings(planUpsert(fe, tt.old, tt.want, tt.fresh, tt.orphans))
+			got := opStrings(planUpsert(fe, tt.old, tt.want, tt.fresh, tt.orphans, nil))
 			if !slices.Equal(got, tt.ops) {
 				t.Fatalf("ops:\n got %q\nwant %q", got, tt.ops)
 			}

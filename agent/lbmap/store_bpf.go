@@ -18,6 +18,7 @@ func New(m bpf.MapSet) (*Table, error) {
 	for name, mp := range map[string]*ebpf.Map{
 		bpf.MapServices: m.Services, bpf.MapBackends: m.Backends,
 		bpf.MapRevNat: m.RevNat, bpf.MapAffMatch: m.AffinityMatch,
+		bpf.MapSrcRanges: m.SrcRanges, bpf.MapMaglev: m.Maglev,
 	} {
 		if mp == nil {
 			return nil, fmt.Errorf("lbmap: map %s missing", name)
@@ -28,6 +29,8 @@ func New(m bpf.MapSet) (*Table, error) {
 		Backends:      int(m.Backends.MaxEntries()),
 		RevNat:        int(m.RevNat.MaxEntries()),
 		AffinityMatch: int(m.AffinityMatch.MaxEntries()),
+		SrcRanges:     int(m.SrcRanges.MaxEntries()),
+		Maglev:        int(m.Maglev.MaxEntries()),
 	}
 	return newTable(&bpfStore{m: m}, c)
 }
@@ -77,6 +80,16 @@ func (s *bpfStore) delMatch(k bpf.AffMatchKey) error {
 	return del(s.m.AffinityMatch, bpf.MapAffMatch, &k)
 }
 
+func (s *bpfStore) putRange(k bpf.SrcRangeKey) error {
+	var one uint8 = 1
+	return put(s.m.SrcRanges, bpf.MapSrcRanges, &k, &one)
+}
+func (s *bpfStore) delRange(k bpf.SrcRangeKey) error { return del(s.m.SrcRanges, bpf.MapSrcRanges, &k) }
+func (s *bpfStore) putMaglev(revNat uint32, v *bpf.MaglevVal) error {
+	return put(s.m.Maglev, bpf.MapMaglev, &revNat, v)
+}
+func (s *bpfStore) delMaglev(revNat uint32) error { return del(s.m.Maglev, bpf.MapMaglev, &revNat) }
+
 func iterate[K, V any](m *ebpf.Map, fn func(K, V)) error {
 	var k K
 	var v V
@@ -98,4 +111,10 @@ func (s *bpfStore) revNats(fn func(uint32, bpf.RevNatVal)) error {
 }
 func (s *bpfStore) matches(fn func(bpf.AffMatchKey)) error {
 	return iterate(s.m.AffinityMatch, func(k bpf.AffMatchKey, _ uint32) { fn(k) })
+}
+func (s *bpfStore) ranges(fn func(bpf.SrcRangeKey)) error {
+	return iterate(s.m.SrcRanges, func(k bpf.SrcRangeKey, _ uint8) { fn(k) })
+}
+func (s *bpfStore) maglevs(fn func(uint32, *bpf.MaglevVal)) error {
+	return iterate(s.m.Maglev, func(rn uint32, v bpf.MaglevVal) { fn(rn, &v) })
 }

@@ -3,6 +3,7 @@ package lbmap
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"sync"
 	"time"
@@ -16,10 +17,15 @@ type Capacity struct {
 	Backends      int
 	RevNat        int
 	AffinityMatch int
+	SrcRanges     int // source-range prefixes, all Services together
+	Maglev        int // Maglev tables (one per Maglev Service with backends)
 }
 
-// DefaultCapacity matches the defaults of bpf/sock_lb.c.
-var DefaultCapacity = Capacity{Services: 65536, Backends: 65536, RevNat: 65536, AffinityMatch: 65536}
+// DefaultCapacity matches the defaults of bpf/kpf_maps.h.
+var DefaultCapacity = Capacity{
+	Services: 65536, Backends: 65536, RevNat: 65536, AffinityMatch: 65536,
+	SrcRanges: 16384, Maglev: 16384,
+}
 
 // store is raw map access, already in map form; bpfStore and memStore
 // implement it. Deleting a missing key is no error.
@@ -32,11 +38,17 @@ type store interface {
 	delRevNat(id uint32) error
 	putMatch(k bpf.AffMatchKey) error
 	delMatch(k bpf.AffMatchKey) error
+	putRange(k bpf.SrcRangeKey) error
+	delRange(k bpf.SrcRangeKey) error
+	putMaglev(revNat uint32, v *bpf.MaglevVal) error
+	delMaglev(revNat uint32) error
 
 	services(fn func(bpf.SvcKey, bpf.SvcVal)) error
 	backends(fn func(uint32, bpf.BackendVal)) error
 	revNats(fn func(uint32, bpf.RevNatVal)) error
 	matches(fn func(bpf.AffMatchKey)) error
+	ranges(fn func(bpf.SrcRangeKey)) error
+	maglevs(fn func(uint32, *bpf.MaglevVal)) error
 }
 
 // Table implements [Maps] over a store: the bookkeeping (ids, reference
@@ -55,6 +67,8 @@ type Table struct {
 	revNatID  *idAlloc
 	slots     int // Σ (1 + count): entries in the services map
 	pairs     int // Σ distinct backends per Service: entries in the match map
+	ranges    int // Σ source ranges: entries in the src-ranges map
+	tables    int // Services with a Maglev table: entries in the maglev map
 }
 
 var _ Maps = (*Table)(nil)
@@ -133,9 +147,17 @@ func (t *Table) Dump() ([]Service, error) {
 	}
 	out := make([]Service, 0, len(snap.masters))
 	for fe, h := range snap.masters {
-		s := Service{Frontend: fe, RevNatID: h.revNat, Backends: []Backend{}}
+		s := Service{
+			Frontend: fe, RevNatID: h.revNat, Backends: []Backend{},
+			External:  h.flags&bpf.SvcFlagExternal != 0,
+			LocalOnly: h.flags&bpf.SvcFlagLocal != 0,
+			Maglev:    h.flags&bpf.SvcFlagMaglev != 0,
+		}
 		if h.flags&bpf.SvcFlagAffinity != 0 {
 			s.Affinity = time.Duration(h.timeout) * time.Second
+		}
+		if h.flags&bpf.SvcFlagSrcRanges != 0 {
+			s.SourceRanges = snap.ranges[h.revNat]
 		}
 		for slot := uint16(1); slot <= h.count && slot != 0; slot++ {
 			if b, ok := snap.backends[snap.slots[fe][slot]]; ok {
@@ -150,7 +172,9 @@ func (t *Table) Dump() ([]Service, error) {
 
 // Verify checks the datapath's invariants on the maps as they are: every
 // slot of every master exists and points to an existing backend, with its
-// affinity pair and rev-nat entry in place. Tests call it between writes.
+// affinity pair and rev-nat entry in place; a master flagged for source
+// ranges has some, one flagged Maglev (with backends) has its table, filled
+// from its own backends. Tests call it between writes.
 func (t *Table) Verify() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -165,11 +189,11 @@ func (t *Table) upsert(svc Service) error {
 	fe := svc.Frontend
 	old := t.svcs[fe]
 
-	hdr := masterHdr{count: uint16(len(svc.Backends))}
+	hdr := masterHdr{count: uint16(len(svc.Backends)), flags: svcFlags(svc)}
 	if svc.Affinity > 0 {
-		hdr.flags |= bpf.SvcFlagAffinity
 		hdr.timeout = uint32(affinitySeconds(svc.Affinity))
 	}
+	wantMaglev := svc.Maglev && len(svc.Backends) > 0
 	if old != nil {
 		hdr.revNat = old.hdr.revNat
 	}
@@ -184,13 +208,22 @@ func (t *Table) upsert(svc Service) error {
 			need = append(need, b)
 		}
 	}
-	if old != nil && !old.dirty && len(need) == 0 && old.hdr == hdr && slices.Equal(old.ids, ids) {
+	if old != nil && !old.dirty && len(need) == 0 && old.hdr == hdr && slices.Equal(old.ids, ids) &&
+		slices.Equal(old.ranges, svc.SourceRanges) && old.maglev == wantMaglev {
 		return nil // unchanged
 	}
 
 	var oldIDs []uint32
+	var oldRanges []netip.Prefix
+	oldMaglev := false
 	if old != nil {
-		oldIDs = old.ids
+		oldIDs, oldRanges, oldMaglev = old.ids, old.ranges, old.maglev
+	}
+	newRanges := 0
+	for _, p := range svc.SourceRanges {
+		if !slices.Contains(oldRanges, p) {
+			newRanges++
+		}
 	}
 	had := idSet(distinct(oldIDs))
 	added := len(need)
@@ -201,6 +234,12 @@ func (t *Table) upsert(svc Service) error {
 	}
 	if err := t.checkRoom(old == nil, len(ids), len(oldIDs), len(need), added); err != nil {
 		return err
+	}
+	if need := t.ranges + newRanges; need > t.cap.SrcRanges {
+		return &MapFullError{Map: bpf.MapSrcRanges, Need: need, Cap: t.cap.SrcRanges}
+	}
+	if need := t.tables + 1; wantMaglev && !oldMaglev && need > t.cap.Maglev {
+		return &MapFullError{Map: bpf.MapMaglev, Need: need, Cap: t.cap.Maglev}
 	}
 
 	// Allocate; nothing is written yet, so a failure just gives the ids back.
@@ -241,8 +280,12 @@ func (t *Table) upsert(svc Service) error {
 			orphans = append(orphans, id)
 		}
 	}
-	want := svcState{hdr: hdr, ids: ids}
-	if err := t.apply(planUpsert(fe, old, want, fresh, orphans)); err != nil {
+	want := svcState{hdr: hdr, ids: ids, ranges: svc.SourceRanges, maglev: wantMaglev}
+	var table []uint32
+	if wantMaglev {
+		table = maglevIDs(svc.Backends, ids)
+	}
+	if err := t.apply(planUpsert(fe, old, want, fresh, orphans, table)); err != nil {
 		return err
 	}
 
@@ -266,8 +309,38 @@ func (t *Table) upsert(svc Service) error {
 	}
 	t.slots += len(ids) - len(oldIDs)
 	t.pairs += len(distinct(ids)) - len(distinct(oldIDs))
+	t.ranges += len(want.ranges) - len(oldRanges)
+	t.tables += b2i(want.maglev) - b2i(oldMaglev)
 	t.svcs[fe] = &want
 	return nil
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// svcFlags are the master entry's SVC_F_* flags for a normalized Service.
+func svcFlags(svc Service) uint8 {
+	var f uint8
+	if svc.Affinity > 0 {
+		f |= bpf.SvcFlagAffinity
+	}
+	if svc.External {
+		f |= bpf.SvcFlagExternal
+	}
+	if svc.LocalOnly {
+		f |= bpf.SvcFlagLocal
+	}
+	if len(svc.SourceRanges) > 0 {
+		f |= bpf.SvcFlagSrcRanges
+	}
+	if svc.Maglev {
+		f |= bpf.SvcFlagMaglev
+	}
+	return f
 }
 
 func (t *Table) delete(fe Frontend) error {
@@ -290,6 +363,8 @@ func (t *Table) delete(fe Frontend) error {
 	t.revNatID.release(old.hdr.revNat)
 	t.slots -= 1 + len(old.ids)
 	t.pairs -= len(distinct(old.ids))
+	t.ranges -= len(old.ranges)
+	t.tables -= b2i(old.maglev)
 	delete(t.svcs, fe)
 	return nil
 }
@@ -355,12 +430,20 @@ func (t *Table) write(o op) error {
 		return t.st.putService(svcKey(o.fe, o.slot), slotVal(o.id, o.revNat))
 	case opPutRevNat:
 		return t.st.putRevNat(o.revNat, revNatVal(o.fe))
+	case opPutRange:
+		return t.st.putRange(srcRangeKey(o.revNat, o.prefix))
+	case opPutMaglev:
+		return t.st.putMaglev(o.revNat, maglevVal(o.table))
 	case opPutMaster:
 		return t.st.putService(svcKey(o.fe, 0), masterVal(o.hdr))
 	case opDelMaster:
 		return t.st.delService(svcKey(o.fe, 0))
 	case opDelSlot:
 		return t.st.delService(svcKey(o.fe, o.slot))
+	case opDelRange:
+		return t.st.delRange(srcRangeKey(o.revNat, o.prefix))
+	case opDelMaglev:
+		return t.st.delMaglev(o.revNat)
 	case opDelRevNat:
 		return t.st.delRevNat(o.revNat)
 	case opDelMatch:
@@ -379,6 +462,9 @@ type snapshot struct {
 	backends map[uint32]Backend
 	revNats  map[uint32]Frontend // Proto unset: rev-nat entries are per address+port
 	matches  map[bpf.AffMatchKey]bool
+	ranges   map[uint32][]netip.Prefix // rev-nat id -> prefixes, sorted
+	badRange []bpf.SrcRangeKey         // keys no srcRangeKey makes
+	maglev   map[uint32][]uint32       // rev-nat id -> table
 }
 
 func readStore(st store) (*snapshot, error) {
@@ -389,6 +475,8 @@ func readStore(st store) (*snapshot, error) {
 		backends: map[uint32]Backend{},
 		revNats:  map[uint32]Frontend{},
 		matches:  map[bpf.AffMatchKey]bool{},
+		ranges:   map[uint32][]netip.Prefix{},
+		maglev:   map[uint32][]uint32{},
 	}
 	err := errors.Join(
 		st.services(func(k bpf.SvcKey, v bpf.SvcVal) {
@@ -410,9 +498,21 @@ func readStore(st store) (*snapshot, error) {
 			s.revNats[id] = Frontend{Addr: addr, Port: port}
 		}),
 		st.matches(func(k bpf.AffMatchKey) { s.matches[k] = true }),
+		st.ranges(func(k bpf.SrcRangeKey) {
+			rn, p, ok := srcRangeDecode(k)
+			if !ok {
+				s.badRange = append(s.badRange, k)
+				return
+			}
+			s.ranges[rn] = append(s.ranges[rn], p)
+		}),
+		st.maglevs(func(rn uint32, v *bpf.MaglevVal) { s.maglev[rn] = slices.Clone(v.BackendId[:]) }),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("lbmap: read maps: %w", err)
+	}
+	for _, l := range s.ranges {
+		slices.SortFunc(l, comparePrefix)
 	}
 	return s, nil
 }
@@ -436,6 +536,22 @@ func (s *snapshot) problems(fe Frontend, h masterHdr) []string {
 			}
 			if !s.matches[bpf.AffMatchKey{BackendId: id, RevNatId: h.revNat}] {
 				out = append(out, fmt.Sprintf("%s: affinity pair %d/%d missing", fe, id, h.revNat))
+			}
+		}
+	}
+	if h.flags&bpf.SvcFlagSrcRanges != 0 && len(s.ranges[h.revNat]) == 0 {
+		out = append(out, fmt.Sprintf("%s: source ranges flagged but none in the map", fe))
+	}
+	if h.flags&bpf.SvcFlagMaglev != 0 && h.count > 0 {
+		table, ok := s.maglev[h.revNat]
+		if !ok {
+			out = append(out, fmt.Sprintf("%s: Maglev table %d missing", fe, h.revNat))
+		}
+		for _, id := range distinct(table) {
+			if _, ok := s.backends[id]; !ok {
+				out = append(out, fmt.Sprintf("%s: Maglev table -> backend %d missing", fe, id))
+			} else if !s.matches[bpf.AffMatchKey{BackendId: id, RevNatId: h.revNat}] {
+				out = append(out, fmt.Sprintf("%s: Maglev table -> affinity pair %d/%d missing", fe, id, h.revNat))
 			}
 		}
 	}
@@ -467,12 +583,16 @@ func (t *Table) restore() error {
 	t.refs = map[uint32]int{}
 	t.backendID = newIDAlloc(idLimit(t.cap.Backends))
 	t.revNatID = newIDAlloc(idLimit(t.cap.RevNat))
-	t.slots, t.pairs = 0, 0
+	t.slots, t.pairs, t.ranges, t.tables = 0, 0, 0, 0
 
 	usedRN := map[uint32]bool{}
 	pairs := map[bpf.AffMatchKey]bool{}
 	for fe, h := range snap.masters {
-		st := &svcState{hdr: h, ids: make([]uint32, h.count), dirty: len(snap.problems(fe, h)) > 0}
+		_, hasTable := snap.maglev[h.revNat]
+		st := &svcState{
+			hdr: h, ids: make([]uint32, h.count), dirty: len(snap.problems(fe, h)) > 0,
+			ranges: snap.ranges[h.revNat], maglev: hasTable,
+		}
 		for i := range st.ids {
 			id := snap.slots[fe][uint16(i+1)]
 			if _, ok := snap.backends[id]; ok {
@@ -486,11 +606,41 @@ func (t *Table) restore() error {
 		t.svcs[fe] = st
 		t.slots += 1 + len(st.ids)
 		t.pairs += len(distinct(st.ids))
+		t.ranges += len(st.ranges)
 		usedRN[h.revNat] = true
 		t.revNatID.take(h.revNat)
 	}
 
 	var errs []error
+	// A change interrupted between a Maglev table and its master leaves a
+	// table naming backends the slots do not: rewrite it from the slots
+	// before those backends are deleted below.
+	for _, st := range t.svcs {
+		if h := st.hdr; h.flags&bpf.SvcFlagMaglev != 0 && h.count > 0 {
+			var ids []uint32
+			var bes []Backend
+			for _, id := range st.ids {
+				if id != 0 {
+					ids, bes = append(ids, id), append(bes, snap.backends[id])
+				}
+			}
+			want := maglevIDs(bes, ids)
+			if got, ok := snap.maglev[h.revNat]; ok && slices.Equal(got, want) {
+				continue
+			}
+			if want == nil {
+				errs = append(errs, t.st.delMaglev(h.revNat))
+				st.maglev = false
+			} else {
+				errs = append(errs, t.st.putMaglev(h.revNat, maglevVal(want)))
+				st.maglev = true
+				st.dirty = st.dirty || len(ids) != len(st.ids)
+			}
+		}
+	}
+	for _, st := range t.svcs {
+		t.tables += b2i(st.maglev)
+	}
 	for fe, slots := range snap.slots {
 		h, ok := snap.masters[fe]
 		for slot := range slots {
@@ -518,6 +668,21 @@ func (t *Table) restore() error {
 	for k := range snap.matches {
 		if !pairs[k] {
 			errs = append(errs, t.st.delMatch(k))
+		}
+	}
+	for rn, ps := range snap.ranges {
+		if !usedRN[rn] {
+			for _, p := range ps {
+				errs = append(errs, t.st.delRange(srcRangeKey(rn, p)))
+			}
+		}
+	}
+	for _, k := range snap.badRange {
+		errs = append(errs, t.st.delRange(k))
+	}
+	for rn := range snap.maglev {
+		if !usedRN[rn] {
+			errs = append(errs, t.st.delMaglev(rn))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

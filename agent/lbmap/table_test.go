@@ -20,7 +20,12 @@ func fe4(s string, port uint16, p Proto) Frontend {
 
 func be(s string, port uint16) Backend { return Backend{Addr: netip.MustParseAddr(s), Port: port} }
 
-var addrCmp = cmp.Comparer(func(a, b netip.Addr) bool { return a == b })
+func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+var addrCmp = cmp.Options{
+	cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
+	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+}
 
 func mustDump(t *testing.T, m Maps) []Service {
 	t.Helper()
@@ -255,12 +260,21 @@ func TestRestoreFromMaps(t *testing.T) {
 // and the next attempt must converge.
 func TestMakeBeforeBreak(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
-	fes := []Frontend{fe4("10.96.0.1", 80, TCP), fe4("10.96.0.1", 80, UDP), fe4("10.96.0.2", 443, TCP), fe4("fd00::1", 80, TCP)}
+	ext := func(f Frontend) Frontend { f.Scope = ScopeExternal; return f }
+	fes := []Frontend{fe4("10.96.0.1", 80, TCP), fe4("10.96.0.1", 80, UDP), fe4("10.96.0.2", 443, TCP), fe4("fd00::1", 80, TCP),
+		ext(fe4("10.96.0.2", 443, TCP)), ext(fe4("fd00::1", 80, TCP))}
+	local := func(b Backend) Backend { b.Local = true; return b }
 	pool := func(fe Frontend) []Backend {
 		if fe.Addr.Is4() {
-			return []Backend{be("10.0.0.1", 80), be("10.0.0.2", 80), be("10.0.0.3", 80), be("10.0.0.4", 8080), be("10.0.0.5", 80)}
+			return []Backend{be("10.0.0.1", 80), be("10.0.0.2", 80), be("10.0.0.3", 80), be("10.0.0.4", 8080), local(be("10.0.0.5", 80))}
 		}
-		return []Backend{be("fd00:1::1", 80), be("fd00:1::2", 80), be("fd00:1::3", 80)}
+		return []Backend{be("fd00:1::1", 80), local(be("fd00:1::2", 80)), be("fd00:1::3", 80)}
+	}
+	ranges := func(fe Frontend) []netip.Prefix {
+		if fe.Addr.Is4() {
+			return []netip.Prefix{pfx("10.0.0.0/8"), pfx("192.168.0.0/16"), pfx("203.0.113.7/32"), pfx("0.0.0.0/0")}
+		}
+		return []netip.Prefix{pfx("fd00::/8"), pfx("2001:db8::/32")}
 	}
 	randomService := func() Service {
 		fe := fes[rng.IntN(len(fes))]
@@ -271,6 +285,16 @@ func TestMakeBeforeBreak(t *testing.T) {
 		}
 		if rng.IntN(3) == 0 {
 			s.Affinity = time.Duration(1+rng.IntN(100)) * time.Second
+		}
+		if fe.Scope == ScopeExternal || rng.IntN(2) == 0 {
+			s.External = true
+			s.LocalOnly = rng.IntN(2) == 0
+			s.Maglev = rng.IntN(2) == 0
+			for _, r := range ranges(fe) {
+				if rng.IntN(3) == 0 {
+					s.SourceRanges = append(s.SourceRanges, r)
+				}
+			}
 		}
 		return s
 	}
@@ -333,8 +357,12 @@ func TestMakeBeforeBreak(t *testing.T) {
 		}
 		// No leaks: exactly the entries the Services need.
 		backends := map[Backend]bool{}
-		slots, pairs := 0, 0
+		slots, pairs, nRanges, tables := 0, 0, 0, 0
 		for _, s := range want {
+			nRanges += len(s.SourceRanges)
+			if s.Maglev && len(s.Backends) > 0 {
+				tables++
+			}
 			slots += 1 + len(s.Backends)
 			seen := map[Backend]bool{}
 			for _, b := range s.Backends {
@@ -349,6 +377,9 @@ func TestMakeBeforeBreak(t *testing.T) {
 		if len(m.svc) != slots || len(m.backend) != len(backends) || len(m.revNat) != len(want) || len(m.match) != pairs {
 			t.Fatalf("step %d: entries %d/%d/%d/%d, want %d/%d/%d/%d", step,
 				len(m.svc), len(m.backend), len(m.revNat), len(m.match), slots, len(backends), len(want), pairs)
+		}
+		if len(m.srcRanges) != nRanges || len(m.tables) != tables {
+			t.Fatalf("step %d: %d source ranges, %d Maglev tables; want %d, %d", step, len(m.srcRanges), len(m.tables), nRanges, tables)
 		}
 	}
 }

@@ -45,8 +45,8 @@ func (b *builder) candidates(portName string, proto corev1.Protocol, is4 bool) [
 	if is4 {
 		want = discoveryv1.AddressTypeIPv4
 	}
-	merged := map[lbmap.Backend]candidate{}
-	var order []lbmap.Backend
+	merged := map[netip.AddrPort]candidate{}
+	var order []netip.AddrPort
 	for _, es := range b.slices {
 		if es.AddressType != want {
 			continue
@@ -77,13 +77,15 @@ func (b *builder) candidates(portName string, proto corev1.Protocol, is4 bool) [
 					terminating: deref(ep.Conditions.Terminating, false),
 					node:        deref(ep.NodeName, ""),
 				}
-				old, seen := merged[c.be]
+				c.be.Local = b.isLocal(c)
+				k := netip.AddrPortFrom(c.be.Addr, c.be.Port)
+				old, seen := merged[k]
 				if !seen {
-					order = append(order, c.be)
+					order = append(order, k)
 				}
 				if !seen || c.rank() > old.rank() ||
-					(c.rank() == old.rank() && b.isLocal(c) && !b.isLocal(old)) {
-					merged[c.be] = c
+					(c.rank() == old.rank() && c.be.Local && !old.be.Local) {
+					merged[k] = c
 				}
 			}
 		}
@@ -101,7 +103,8 @@ func (b *builder) isLocal(c candidate) bool {
 
 // pick chooses the backends among the candidates, sorted by address and
 // port:
-//   - local (internalTrafficPolicy Local): only this node's endpoints; none
+//   - local (internalTrafficPolicy Local for a ClusterIP, the external scope
+//     of externalTrafficPolicy Local): only this node's endpoints; none
 //     means no backends (the datapath refuses), never a remote one;
 //   - the ready endpoints; only when none is ready, the ones that are serving
 //     and terminating (graceful termination, as kube-proxy);
@@ -129,12 +132,7 @@ func pick(cands []candidate, local bool, node string) []lbmap.Backend {
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b lbmap.Backend) int {
-		if c := a.Addr.Compare(b.Addr); c != 0 {
-			return c
-		}
-		return int(a.Port) - int(b.Port)
-	})
+	slices.SortFunc(out, lbmap.Backend.Compare)
 	return out
 }
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -27,7 +28,8 @@ import (
 var update = flag.Bool("update", false, "rewrite testdata/*.golden from the current output")
 
 // input is one testdata/*.yaml: Kubernetes objects (multi-document YAML) and
-// the model options, given in a leading comment "# kpfree: node=X proxy-name=Y".
+// the model options, given in a leading comment
+// "# kpfree: node=X proxy-name=Y node-addrs=A,B loopback-nodeport lb=maglev".
 type input struct {
 	svcs     []*corev1.Service
 	slices   []*discoveryv1.EndpointSlice
@@ -52,6 +54,14 @@ func readInput(t *testing.T, path string) input {
 				in.nodeName = v
 			case "proxy-name":
 				in.opts.ProxyName = v
+			case "node-addrs":
+				for _, a := range strings.Split(v, ",") {
+					in.opts.NodeAddrs = append(in.opts.NodeAddrs, netip.MustParseAddr(a))
+				}
+			case "loopback-nodeport":
+				in.opts.LoopbackNodePort = true
+			case "lb":
+				in.opts.LBAlgorithm = v
 			default:
 				t.Fatalf("%s: unknown option %q", path, k)
 			}
@@ -118,6 +128,12 @@ func render(t *testing.T, in input) string {
 			port = `""`
 		}
 		fmt.Fprintf(&b, "%s %s port=%s kind=%s\n", e.LB.Frontend, e.Service, port, e.Kind)
+	}
+	if len(res.HealthChecks) > 0 {
+		b.WriteString("# health checks\n")
+		for _, h := range res.HealthChecks {
+			fmt.Fprintf(&b, "%s port=%d local-endpoints=%d\n", h.Service, h.Port, h.LocalEndpoints)
+		}
 	}
 	if len(res.Warnings) > 0 {
 		b.WriteString("# warnings\n")

@@ -1,15 +1,21 @@
 // Package model turns Kubernetes Services and EndpointSlices into the load
-// balancer's desired state: one lbmap.Service per frontend (ClusterIP, port,
-// protocol) with its backends in a stable order.
+// balancer's desired state: one lbmap.Service per frontend (address, port,
+// protocol, scope) with its backends in a stable order, plus the health
+// checks of externalTrafficPolicy Local load balancers.
 //
 // It is pure: no clients, no clock, no I/O. Identical input gives identical
 // output, so the reconciler can diff it against the maps and the golden
 // tests can pin it down.
 //
-// Frontends have a [Kind]. Only [KindClusterIP] exists so far; NodePort,
-// ExternalIPs and LoadBalancer ingress IPs are further kinds produced from
-// the same Service port, each choosing its endpoints with its own traffic
-// policy (see frontendsOf and pick).
+// Frontends have a [Kind]: ClusterIP, NodePort (on each node address, and
+// 127.0.0.1 for the socket load balancer only), ExternalIP and LoadBalancer
+// ingress IP, all produced from the same Service port, each choosing its
+// endpoints with its own traffic policy as kube-proxy does (see frontendsOf,
+// entriesOf and pick): internalTrafficPolicy for ClusterIPs,
+// externalTrafficPolicy for the others. An externalTrafficPolicy Local
+// frontend has two entries: the internal scope (this node's pods and
+// processes, all endpoints) and the external scope (traffic entering the
+// node, local endpoints only, no SNAT).
 package model
 
 import (
@@ -17,6 +23,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -39,20 +46,39 @@ const (
 // Options tune the model.
 type Options struct {
 	// NodeName is this node: endpoints whose nodeName matches are local
-	// (internalTrafficPolicy: Local).
+	// (lbmap.Backend.Local; the only ones for internalTrafficPolicy Local
+	// ClusterIPs and the external scope of externalTrafficPolicy Local).
 	NodeName string
 	// ProxyName is the value of service.kubernetes.io/service-proxy-name that
 	// this agent answers to, besides unlabelled Services. Empty: only
 	// unlabelled Services, as kube-proxy.
 	ProxyName string
+	// NodeAddrs are this node's addresses that NodePorts are served on
+	// (each for the Services of its family).
+	NodeAddrs []netip.Addr
+	// LoopbackNodePort also serves NodePorts on 127.0.0.1, for this node's
+	// pods and processes only (the socket load balancer).
+	LoopbackNodePort bool
+	// LBAlgorithm is how tc picks a backend for external frontends:
+	// [LBRandom] (also when empty) or [LBMaglev].
+	LBAlgorithm string
 }
+
+// Load-balancing algorithms for Options.LBAlgorithm.
+const (
+	LBRandom = "random"
+	LBMaglev = "maglev"
+)
 
 // Kind is the kind of frontend address a Service port is reached on.
 type Kind string
 
-// Frontend kinds. Later issues add NodePort, ExternalIP and LoadBalancer.
+// Frontend kinds.
 const (
-	KindClusterIP Kind = "ClusterIP"
+	KindClusterIP    Kind = "ClusterIP"
+	KindNodePort     Kind = "NodePort"
+	KindExternalIP   Kind = "ExternalIP"
+	KindLoadBalancer Kind = "LoadBalancer"
 )
 
 // Entry is one desired frontend and where it comes from.
@@ -70,6 +96,9 @@ const (
 	ReasonFrontendConflict    = "FrontendConflict"
 	ReasonTooManyBackends     = "TooManyBackends"
 	ReasonInvalidEndpoint     = "InvalidEndpoint"
+	ReasonInvalidSourceRange  = "InvalidSourceRange"
+	ReasonInvalidExternalIP   = "InvalidExternalIP"
+	ReasonInvalidIngressIP    = "InvalidLoadBalancerIP"
 )
 
 // Warning is something about a Service the agent cannot do as asked. The
@@ -93,10 +122,21 @@ func (w Warning) String() string {
 	return fmt.Sprintf("%s/%s %s: %s", w.Service.Namespace, w.Service.Name, w.Reason, w.Message)
 }
 
+// HealthCheck is the healthCheckNodePort of an externalTrafficPolicy Local
+// LoadBalancer Service and what it reports: the number of this node's ready
+// endpoints (distinct addresses over all ports; terminating ones do not
+// count, so load balancers drain a node whose endpoints are going away).
+type HealthCheck struct {
+	Service        types.NamespacedName
+	Port           uint16
+	LocalEndpoints int
+}
+
 // Result is the desired state.
 type Result struct {
-	Entries  []Entry   // sorted by frontend, one per frontend
-	Warnings []Warning // sorted by Service, then reason and message
+	Entries      []Entry       // sorted by frontend, one per frontend
+	Warnings     []Warning     // sorted by Service, then reason and message
+	HealthChecks []HealthCheck // sorted by Service
 }
 
 // Services returns the desired lbmap Services, sorted by frontend.
@@ -169,14 +209,25 @@ func Build(svcs []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, 
 		if ok, _ := Managed(svc, o); !ok {
 			continue
 		}
-		b := builder{svc: svc, opts: o, slices: bySvc[types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}]}
-		for _, e := range b.entries() {
-			if prev, taken := owner[e.LB.Frontend]; taken {
-				b.warn(ReasonFrontendConflict, "%s %s is already served for Service %s; ignored here", e.Kind, e.LB.Frontend, prev)
-				continue
+		b := newBuilder(svc, o, bySvc[types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}])
+		// A frontend's entries (internal and external scope) go in together
+		// or not at all: Services are taken in name order, the first one
+		// to claim a frontend keeps it.
+	group:
+		for _, g := range b.entries() {
+			for _, e := range g {
+				if prev, taken := owner[e.LB.Frontend]; taken {
+					b.warn(ReasonFrontendConflict, "%s %s is already served for Service %s; ignored here", e.Kind, e.LB.Frontend, prev)
+					continue group
+				}
 			}
-			owner[e.LB.Frontend] = e.Service
-			res.Entries = append(res.Entries, e)
+			for _, e := range g {
+				owner[e.LB.Frontend] = e.Service
+				res.Entries = append(res.Entries, e)
+			}
+		}
+		if hc, ok := b.healthCheck(); ok {
+			res.HealthChecks = append(res.HealthChecks, hc)
 		}
 		res.Warnings = append(res.Warnings, b.warnings...)
 	}
@@ -189,6 +240,9 @@ func Build(svcs []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, 
 			cmp.Compare(a.Message, b.Message))
 	})
 	res.Warnings = slices.CompactFunc(res.Warnings, func(a, b Warning) bool { return a.Key() == b.Key() })
+	slices.SortFunc(res.HealthChecks, func(a, b HealthCheck) int {
+		return cmp.Or(cmp.Compare(a.Service.Namespace, b.Service.Namespace), cmp.Compare(a.Service.Name, b.Service.Name))
+	})
 	return res
 }
 
@@ -198,6 +252,38 @@ type builder struct {
 	opts     Options
 	slices   []*discoveryv1.EndpointSlice
 	warnings []Warning
+
+	families map[bool]bool           // address families of the ClusterIPs (true: IPv4)
+	cands    map[candKey][]candidate // candidates, computed once per port and family
+	ranges   map[bool][]netip.Prefix // valid loadBalancerSourceRanges by family
+	affinity time.Duration           // ClientIP affinity timeout, 0: none
+	name     types.NamespacedName
+}
+
+type candKey struct {
+	port  string
+	proto corev1.Protocol
+	is4   bool
+}
+
+func newBuilder(svc *corev1.Service, o Options, sl []*discoveryv1.EndpointSlice) *builder {
+	b := &builder{
+		svc: svc, opts: o, slices: sl,
+		families: map[bool]bool{}, cands: map[candKey][]candidate{},
+		name: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name},
+	}
+	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
+		secs := corev1.DefaultClientIPServiceAffinitySeconds
+		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil && *c.ClientIP.TimeoutSeconds > 0 {
+			secs = *c.ClientIP.TimeoutSeconds
+		}
+		b.affinity = time.Duration(secs) * time.Second
+	}
+	for _, a := range b.clusterIPs() {
+		b.families[a.Is4()] = true
+	}
+	b.ranges = b.sourceRanges()
+	return b
 }
 
 func (b *builder) warn(reason, format string, a ...any) {
@@ -212,26 +298,121 @@ func (b *builder) warn(reason, format string, a ...any) {
 	})
 }
 
+func (b *builder) candidatesFor(portName string, proto corev1.Protocol, is4 bool) []candidate {
+	k := candKey{portName, proto, is4}
+	c, ok := b.cands[k]
+	if !ok {
+		c = b.candidates(portName, proto, is4)
+		b.cands[k] = c
+	}
+	return c
+}
+
+// clusterIPs are the Service's valid ClusterIPs (invalid ones warned about
+// in frontendsOf).
+func (b *builder) clusterIPs() []netip.Addr {
+	ips := b.svc.Spec.ClusterIPs
+	if len(ips) == 0 && b.svc.Spec.ClusterIP != "" {
+		ips = []string{b.svc.Spec.ClusterIP}
+	}
+	var out []netip.Addr
+	for _, ip := range ips {
+		if a, err := netip.ParseAddr(ip); err == nil && a.Zone() == "" {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
+}
+
+func (b *builder) externalPolicyLocal() bool {
+	t := b.svc.Spec.Type
+	return (t == corev1.ServiceTypeNodePort || t == corev1.ServiceTypeLoadBalancer) &&
+		b.svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
+}
+
+// sourceRanges parses loadBalancerSourceRanges as kube-proxy does: invalid
+// ones are ignored (with a warning), and an address family without valid
+// ranges is not filtered.
+func (b *builder) sourceRanges() map[bool][]netip.Prefix {
+	if b.svc.Spec.Type != corev1.ServiceTypeLoadBalancer {
+		return nil
+	}
+	out := map[bool][]netip.Prefix{}
+	for _, r := range b.svc.Spec.LoadBalancerSourceRanges {
+		p, err := netip.ParsePrefix(strings.TrimSpace(r))
+		if err != nil || p.Addr().Zone() != "" {
+			b.warn(ReasonInvalidSourceRange, "loadBalancerSourceRanges: %q is not a CIDR; ignored", r)
+			continue
+		}
+		if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
+		}
+		is4 := p.Addr().Is4()
+		if !b.families[is4] {
+			b.warn(ReasonInvalidSourceRange, "loadBalancerSourceRanges: %s is of an address family the Service does not have; ignored", r)
+			continue
+		}
+		out[is4] = append(out[is4], p.Masked())
+	}
+	if len(b.svc.Spec.LoadBalancerSourceRanges) > 0 && len(out) == 0 {
+		b.warn(ReasonInvalidSourceRange, "loadBalancerSourceRanges: no usable range; the load balancer IPs accept every client")
+	}
+	return out
+}
+
 // frontendAddr is one address a Service port is reached on.
 type frontendAddr struct {
 	kind Kind
 	addr netip.Addr
 	port uint16
-	// local: choose only this node's endpoints (the traffic policy that
-	// applies to this kind says Local).
-	local bool
+	// internalLocal: the internal entry uses only this node's endpoints
+	// (internalTrafficPolicy Local, for ClusterIPs).
+	internalLocal bool
+	// external: reachable from outside the node, so tc serves it (NodePort on
+	// a node address, ExternalIP, LoadBalancer).
+	external bool
+	// externalLocal: externalTrafficPolicy Local: an external-scope entry with
+	// this node's endpoints only, beside the internal one.
+	externalLocal bool
+	ranges        []netip.Prefix // LoadBalancer: the allowed clients
 }
 
-// frontendsOf lists the addresses of one Service port. NodePort,
-// ExternalIPs and LoadBalancer ingress add their kinds here, with
-// externalTrafficPolicy deciding local.
+// parseFrontendIP parses an externalIP or ingress IP and checks that the
+// Service has a ClusterIP of its family (kube-proxy handles a Service per
+// family, through that family's ClusterIP).
+func (b *builder) parseFrontendIP(reason, what, ip string) (netip.Addr, bool) {
+	a, err := netip.ParseAddr(ip)
+	if err != nil || a.Zone() != "" {
+		b.warn(reason, "%s %q is not an IP address; ignored", what, ip)
+		return netip.Addr{}, false
+	}
+	a = a.Unmap()
+	if !b.families[a.Is4()] {
+		b.warn(reason, "%s %s is of an address family the Service has no ClusterIP of; ignored", what, a)
+		return netip.Addr{}, false
+	}
+	return a, true
+}
+
+// frontendsOf lists the addresses of one Service port, each address once
+// (the first kind wins, in the order ClusterIP, NodePort, ExternalIP,
+// LoadBalancer).
 func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
 	ips := b.svc.Spec.ClusterIPs
 	if len(ips) == 0 && b.svc.Spec.ClusterIP != "" {
 		ips = []string{b.svc.Spec.ClusterIP}
 	}
-	local := b.svc.Spec.InternalTrafficPolicy != nil && *b.svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+	itpLocal := b.svc.Spec.InternalTrafficPolicy != nil && *b.svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+	etpLocal := b.externalPolicyLocal()
 	var out []frontendAddr
+	seen := map[netip.AddrPort]bool{}
+	add := func(fa frontendAddr) {
+		k := netip.AddrPortFrom(fa.addr, fa.port)
+		if !seen[k] {
+			seen[k] = true
+			out = append(out, fa)
+		}
+	}
 	for _, ip := range ips {
 		if ip == "" || ip == corev1.ClusterIPNone {
 			continue
@@ -241,22 +422,57 @@ func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
 			b.warn(ReasonInvalidClusterIP, "clusterIP %q is not an IP address", ip)
 			continue
 		}
-		out = append(out, frontendAddr{kind: KindClusterIP, addr: a.Unmap(), port: uint16(sp.Port), local: local})
+		add(frontendAddr{kind: KindClusterIP, addr: a.Unmap(), port: uint16(sp.Port), internalLocal: itpLocal})
+	}
+
+	t := b.svc.Spec.Type
+	if (t == corev1.ServiceTypeNodePort || t == corev1.ServiceTypeLoadBalancer) && sp.NodePort > 0 && sp.NodePort <= 65535 {
+		np := uint16(sp.NodePort)
+		for _, a := range b.opts.NodeAddrs {
+			a = a.Unmap()
+			if !a.IsValid() || a.Zone() != "" || !b.families[a.Is4()] {
+				continue
+			}
+			if a.IsLoopback() {
+				continue // loopback: the LoopbackNodePort entry below
+			}
+			add(frontendAddr{kind: KindNodePort, addr: a, port: np, external: true, externalLocal: etpLocal})
+		}
+		if b.opts.LoopbackNodePort && b.families[true] {
+			// Reached only through the socket load balancer, from this node:
+			// kube-proxy sends local clients to all endpoints.
+			add(frontendAddr{kind: KindNodePort, addr: netip.AddrFrom4([4]byte{127, 0, 0, 1}), port: np})
+		}
+	}
+
+	for _, ip := range b.svc.Spec.ExternalIPs {
+		if a, ok := b.parseFrontendIP(ReasonInvalidExternalIP, "externalIP", ip); ok {
+			add(frontendAddr{kind: KindExternalIP, addr: a, port: uint16(sp.Port), external: true, externalLocal: etpLocal})
+		}
+	}
+
+	if t == corev1.ServiceTypeLoadBalancer {
+		for _, ing := range b.svc.Status.LoadBalancer.Ingress {
+			if ing.IP == "" {
+				continue // hostname only
+			}
+			if ing.IPMode != nil && *ing.IPMode == corev1.LoadBalancerIPModeProxy {
+				continue // the load balancer proxies: traffic arrives for node addresses, not this IP
+			}
+			if a, ok := b.parseFrontendIP(ReasonInvalidIngressIP, "load balancer ingress IP", ing.IP); ok {
+				add(frontendAddr{kind: KindLoadBalancer, addr: a, port: uint16(sp.Port), external: true,
+					externalLocal: etpLocal, ranges: b.ranges[a.Is4()]})
+			}
+		}
 	}
 	return out
 }
 
-func (b *builder) entries() []Entry {
-	var affinity time.Duration
-	if b.svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
-		secs := corev1.DefaultClientIPServiceAffinitySeconds
-		if c := b.svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil && *c.ClientIP.TimeoutSeconds > 0 {
-			secs = *c.ClientIP.TimeoutSeconds
-		}
-		affinity = time.Duration(secs) * time.Second
-	}
-	name := types.NamespacedName{Namespace: b.svc.Namespace, Name: b.svc.Name}
-	var out []Entry
+// entries returns the Service's entries, grouped by frontend address: the
+// entries of one group are programmed together or not at all.
+func (b *builder) entries() [][]Entry {
+	maglev := b.opts.LBAlgorithm == LBMaglev
+	var out [][]Entry
 	for _, sp := range b.svc.Spec.Ports {
 		proto := sp.Protocol
 		if proto == "" {
@@ -276,29 +492,68 @@ func (b *builder) entries() []Entry {
 		if sp.Port < 1 || sp.Port > 65535 {
 			continue // the API server does not allow it
 		}
-		cands := map[bool][]candidate{} // by family: true = IPv4
 		for _, fa := range b.frontendsOf(sp) {
-			is4 := fa.addr.Is4()
-			if _, ok := cands[is4]; !ok {
-				cands[is4] = b.candidates(sp.Name, proto, is4)
+			cands := b.candidatesFor(sp.Name, proto, fa.addr.Is4())
+			entry := func(scope lbmap.Scope, local bool) Entry {
+				backends := pick(cands, local, b.opts.NodeName)
+				fe := lbmap.Frontend{Addr: fa.addr, Port: fa.port, Proto: lp, Scope: scope}
+				if len(backends) > lbmap.MaxBackends {
+					b.warn(ReasonTooManyBackends, "%s %s: %d endpoints, only the first %d are used",
+						fa.kind, fe, len(backends), lbmap.MaxBackends)
+					backends = backends[:lbmap.MaxBackends]
+				}
+				return Entry{
+					Kind: fa.kind, Service: b.name, PortName: sp.Name,
+					LB: lbmap.Service{Frontend: fe, Backends: backends, Affinity: b.affinity},
+				}
 			}
-			backends := pick(cands[is4], fa.local, b.opts.NodeName)
-			if len(backends) > lbmap.MaxBackends {
-				b.warn(ReasonTooManyBackends, "%s %s: %d endpoints, only the first %d are used",
-					fa.kind, netip.AddrPortFrom(fa.addr, fa.port), len(backends), lbmap.MaxBackends)
-				backends = backends[:lbmap.MaxBackends]
+			switch {
+			case !fa.external:
+				out = append(out, []Entry{entry(lbmap.ScopeInternal, fa.internalLocal)})
+			case !fa.externalLocal:
+				e := entry(lbmap.ScopeInternal, false)
+				e.LB.External, e.LB.Maglev, e.LB.SourceRanges = true, maglev, fa.ranges
+				out = append(out, []Entry{e})
+			default:
+				// Local clients (pods, host processes) reach all endpoints
+				// through the internal entry; traffic entering the node only
+				// this node's, unSNATed, through the external one. It is
+				// written even without local endpoints, so tc refuses rather
+				// than fall back to the internal entry.
+				in := entry(lbmap.ScopeInternal, false)
+				ext := entry(lbmap.ScopeExternal, true)
+				ext.LB.External, ext.LB.LocalOnly, ext.LB.Maglev, ext.LB.SourceRanges = true, true, maglev, fa.ranges
+				out = append(out, []Entry{in, ext})
 			}
-			out = append(out, Entry{
-				Kind: fa.kind, Service: name, PortName: sp.Name,
-				LB: lbmap.Service{
-					Frontend: lbmap.Frontend{Addr: fa.addr, Port: fa.port, Proto: lp},
-					Backends: backends,
-					Affinity: affinity,
-				},
-			})
 		}
 	}
 	return out
+}
+
+// healthCheck is the Service's health check, if it has one.
+func (b *builder) healthCheck() (HealthCheck, bool) {
+	port := b.svc.Spec.HealthCheckNodePort
+	if b.svc.Spec.Type != corev1.ServiceTypeLoadBalancer || !b.externalPolicyLocal() || port < 1 || port > 65535 {
+		return HealthCheck{}, false
+	}
+	ready := map[netip.Addr]bool{}
+	for _, sp := range b.svc.Spec.Ports {
+		proto := sp.Protocol
+		if proto == "" {
+			proto = corev1.ProtocolTCP
+		}
+		if proto != corev1.ProtocolTCP && proto != corev1.ProtocolUDP {
+			continue
+		}
+		for is4 := range b.families {
+			for _, c := range b.candidatesFor(sp.Name, proto, is4) {
+				if c.ready && b.isLocal(c) {
+					ready[c.be.Addr] = true
+				}
+			}
+		}
+	}
+	return HealthCheck{Service: b.name, Port: uint16(port), LocalEndpoints: len(ready)}, true
 }
 
 func portLabel(sp corev1.ServicePort, proto corev1.Protocol) string {

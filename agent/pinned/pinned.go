@@ -41,6 +41,7 @@ func OpenMaps(bpffs string) (bpf.MapSet, error) {
 	}{
 		{bpf.MapServices, &m.Services}, {bpf.MapBackends, &m.Backends}, {bpf.MapRevNat, &m.RevNat},
 		{bpf.MapAffinity, &m.Affinity}, {bpf.MapAffMatch, &m.AffinityMatch}, {bpf.MapSockRevNat, &m.SockRevNat},
+		{bpf.MapSrcRanges, &m.SrcRanges}, {bpf.MapMaglev, &m.Maglev},
 	} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, x.name), &ebpf.LoadPinOptions{ReadOnly: true})
 		if err != nil {
@@ -56,7 +57,7 @@ func OpenMaps(bpffs string) (bpf.MapSet, error) {
 //
 // lbmap.New would restore straight from the maps, but it also deletes
 // entries it finds unreachable, which could race with a running agent that
-// is in the middle of a make-before-break change. So the four maps lbmap
+// is in the middle of a make-before-break change. So the maps lbmap
 // reads are copied into private, unpinned maps first and lbmap reads the
 // copy.
 func Services(m bpf.MapSet) ([]lbmap.Service, error) {
@@ -65,6 +66,8 @@ func Services(m bpf.MapSet) ([]lbmap.Service, error) {
 		Backends:      m.Backends.MaxEntries(),
 		RevNat:        m.RevNat.MaxEntries(),
 		AffinityMatch: m.AffinityMatch.MaxEntries(),
+		SrcRanges:     m.SrcRanges.MaxEntries(),
+		Maglev:        m.Maglev.MaxEntries(),
 		Affinity:      1024, // not copied: small
 		SockRevNat:    1024,
 	})
@@ -77,6 +80,8 @@ func Services(m bpf.MapSet) ([]lbmap.Service, error) {
 		copyMap[uint32, bpf.BackendVal](m.Backends, cp.Backends),
 		copyMap[uint32, bpf.RevNatVal](m.RevNat, cp.RevNat),
 		copyMap[bpf.AffMatchKey, uint32](m.AffinityMatch, cp.AffinityMatch),
+		copyMap[bpf.SrcRangeKey, uint8](m.SrcRanges, cp.SrcRanges),
+		copyMap[uint32, bpf.MaglevVal](m.Maglev, cp.Maglev),
 	)
 	if err != nil {
 		return nil, err

@@ -444,18 +444,7 @@ func key(fe lbmap.Frontend) lbmap.Frontend {
 	return fe
 }
 
-func sameService(a, b lbmap.Service) bool {
-	if key(a.Frontend) != key(b.Frontend) || a.Affinity != b.Affinity || len(a.Backends) != len(b.Backends) {
-		return false
-	}
-	for i := range a.Backends {
-		x, y := a.Backends[i], b.Backends[i]
-		if x.Addr.Unmap() != y.Addr.Unmap() || x.Port != y.Port {
-			return false
-		}
-	}
-	return true
-}
+func sameService(a, b lbmap.Service) bool { return lbmap.SameService(a, b) }
 
 // sameState compares a Dump with the applied set.
 func sameState(dump []lbmap.Service, applied map[lbmap.Frontend]lbmap.Service) bool {

@@ -269,9 +269,13 @@ func servicesCommand() *cli.Command {
 					}
 					bes = strings.Join(parts, " ")
 				}
-				rows = append(rows, []string{s.Frontend.String(), strconv.Itoa(int(s.RevNatID)), aff, strconv.Itoa(len(s.Backends)), bes})
+				flags := "-"
+				if f := s.Flags(); len(f) > 0 {
+					flags = strings.Join(f, " ")
+				}
+				rows = append(rows, []string{s.Frontend.String(), strconv.Itoa(int(s.RevNatID)), flags, aff, strconv.Itoa(len(s.Backends)), bes})
 			}
-			return u.WriteTable([]string{"FRONTEND", "ID", "AFFINITY", "N", "BACKENDS"}, rows)
+			return u.WriteTable([]string{"FRONTEND", "ID", "FLAGS", "AFFINITY", "N", "BACKENDS"}, rows)
 		},
 	}
 }
@@ -282,6 +286,11 @@ type serviceJSON struct {
 	Port            uint16   `json:"port"`
 	Protocol        string   `json:"protocol"`
 	RevNatID        uint32   `json:"revNatID"`
+	Scope           string   `json:"scope"`
+	External        bool     `json:"external,omitempty"`
+	LocalOnly       bool     `json:"localOnly,omitempty"`
+	SourceRanges    []string `json:"sourceRanges,omitempty"`
+	Maglev          bool     `json:"maglev,omitempty"`
 	AffinitySeconds int64    `json:"affinitySeconds,omitempty"`
 	Backends        []string `json:"backends"`
 }
@@ -293,6 +302,10 @@ func servicesJSON(svcs []lbmap.Service) []serviceJSON {
 			Frontend: s.Frontend.String(), Address: s.Frontend.Addr.String(), Port: s.Frontend.Port,
 			Protocol: s.Frontend.Proto.String(), RevNatID: s.RevNatID,
 			AffinitySeconds: int64(s.Affinity / time.Second), Backends: []string{},
+			Scope: s.Frontend.Scope.String(), External: s.External, LocalOnly: s.LocalOnly, Maglev: s.Maglev,
+		}
+		for _, p := range s.SourceRanges {
+			j.SourceRanges = append(j.SourceRanges, p.String())
 		}
 		for _, b := range s.Backends {
 			j.Backends = append(j.Backends, b.String())
