@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -43,6 +44,21 @@ type Config struct {
 	Reload    func() (lbmap.Maps, error)
 	NodeName  string
 	ProxyName string
+	// LBAlgorithm for external frontends (model.LBRandom or model.LBMaglev),
+	// LoopbackNodePort (NodePorts also on 127.0.0.1 for this node's own
+	// processes) and NodeAddrs (the addresses NodePorts are served on; see
+	// SetNodeAddrs): see model.Options.
+	LBAlgorithm      string
+	LoopbackNodePort bool
+	NodeAddrs        []netip.Addr
+	// OnNodeAddresses is called when the Node's status addresses change
+	// (device selection follows them).
+	OnNodeAddresses func()
+	// Gate holds the first sync back until it reports true (see
+	// reconcile.Config.Gate).
+	Gate func() bool
+	// OnHealthChecks gets the healthCheckNodePorts after every pass.
+	OnHealthChecks func([]model.HealthCheck)
 	// MinSyncInterval and ResyncInterval: see reconcile.Config.
 	MinSyncInterval time.Duration
 	ResyncInterval  time.Duration
@@ -79,7 +95,8 @@ func New(cfg Config) (*Agent, error) {
 		a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
 	var err error
-	a.watcher, err = watch.New(cfg.Client, watch.Options{NodeName: cfg.NodeName, ProxyName: cfg.ProxyName})
+	a.watcher, err = watch.New(cfg.Client, watch.Options{NodeName: cfg.NodeName, ProxyName: cfg.ProxyName,
+		OnNodeAddresses: cfg.OnNodeAddresses})
 	if err != nil {
 		return nil, err
 	}
@@ -90,11 +107,14 @@ func New(cfg Config) (*Agent, error) {
 		reporter = reconcile.ReporterFunc(a.warnEvent)
 	}
 	a.rec = reconcile.New(reconcile.Config{
-		Maps:           cfg.Maps,
-		Reload:         cfg.Reload,
-		Source:         a.watcher,
-		NodeName:       cfg.NodeName,
-		Model:          model.Options{ProxyName: cfg.ProxyName},
+		Maps:     cfg.Maps,
+		Reload:   cfg.Reload,
+		Source:   a.watcher,
+		NodeName: cfg.NodeName,
+		Model: model.Options{ProxyName: cfg.ProxyName, LBAlgorithm: cfg.LBAlgorithm,
+			LoopbackNodePort: cfg.LoopbackNodePort, NodeAddrs: cfg.NodeAddrs},
+		OnResult:       onResult(cfg.OnHealthChecks),
+		Gate:           cfg.Gate,
 		Reporter:       reporter,
 		Metrics:        reconcile.NewMetrics(a.registry),
 		Log:            a.log,
@@ -103,6 +123,28 @@ func New(cfg Config) (*Agent, error) {
 	})
 	return a, nil
 }
+
+func onResult(hc func([]model.HealthCheck)) func(model.Result) {
+	if hc == nil {
+		return nil
+	}
+	return func(r model.Result) { hc(r.HealthChecks) }
+}
+
+// SetNodeAddrs changes the addresses NodePorts are served on.
+func (a *Agent) SetNodeAddrs(addrs []netip.Addr) { a.rec.SetNodeAddrs(addrs) }
+
+// SetGate sets Config.Gate after New (the gate's owner may need the Agent
+// first); call it before Run.
+func (a *Agent) SetGate(g func() bool) { a.rec.SetGate(g) }
+
+// WaitForSync blocks until the informers have synced (Run started them) or
+// ctx ends, and reports which.
+func (a *Agent) WaitForSync(ctx context.Context) bool { return a.watcher.WaitForSync(ctx) }
+
+// NodeIPs are the Node's InternalIP/ExternalIP addresses (none until the Node
+// informer has it).
+func (a *Agent) NodeIPs() []netip.Addr { return a.watcher.NodeIPs() }
 
 // warnEvent records a model warning as a Warning Event on its Service.
 func (a *Agent) warnEvent(w model.Warning) {

@@ -89,7 +89,8 @@ func TestIntegrationAgentRestartUnderLoad(t *testing.T) {
 	start := func() *run {
 		t.Helper()
 		cmd := exec.Command(bin, "run", "--kubeconfig", cp.Kubeconfig, "--k8s-api-server", cp.URL, "--node-name", "node-a",
-			"--cgroup-root", e.cgroup, "--bpffs", e.pinDir, "--health-addr", health)
+			"--cgroup-root", e.cgroup, "--bpffs", e.pinDir, "--health-addr", health,
+			"--nodeport=false") // root netns: no tc programs on the host, no sysctl writes
 		r := &run{cmd: cmd, logs: &strings.Builder{}, done: make(chan error, 1)}
 		cmd.Stdout, cmd.Stderr = r.logs, r.logs
 		t0 := time.Now()

@@ -205,7 +205,8 @@ func TestRenderDaemonSet(t *testing.T) {
 	}
 	wantArgs := []string{"run", "--k8s-api-server=https://198.18.0.11:6443", "--node-name=$(NODE_NAME)",
 		"--cgroup-root=/run/kpfree/cgroupv2/kpfree-lab/$(NODE_NAME)", "--bpffs=/sys/fs/bpf", "--strict=true",
-		"--force-prog-attach=false", "--health-addr=:9876", "--nodeport-range=30000-32767", "--lb-algorithm=random"}
+		"--force-prog-attach=false", "--health-addr=:9876", "--nodeport=true", "--proc-sys=/host/proc/sys",
+		"--nodeport-range=30000-32767", "--lb-algorithm=random", "--lb-map-max=65536", "--ct-map-max=131072"}
 	if d := cmp.Diff(wantArgs, c.Args); d != "" {
 		t.Errorf("args (-want +got):\n%s", d)
 	}

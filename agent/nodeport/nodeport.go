@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -62,6 +63,8 @@ type Manager struct {
 	cfg     Config
 	log     *slog.Logger
 	watcher *devices.Watcher
+
+	ready atomic.Bool
 
 	mu     sync.Mutex
 	np     *bpf.NodePort
@@ -144,6 +147,9 @@ func (m *Manager) Run(ctx context.Context) error {
 	}
 }
 
+// Ready reports whether the programs are attached to a first selection.
+func (m *Manager) Ready() bool { return m.ready.Load() }
+
 // Trigger asks for a new device selection (the Node's addresses changed).
 func (m *Manager) Trigger() { m.watcher.Trigger() }
 
@@ -184,6 +190,7 @@ func (m *Manager) apply(devs []devices.Device) error {
 	if m.cfg.OnNodeAddrs != nil {
 		m.cfg.OnNodeAddrs(addrs)
 	}
+	m.ready.Store(true) // after the model has the addresses (agent Gate)
 	return nil
 }
 

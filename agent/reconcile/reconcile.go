@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -71,6 +72,13 @@ type Config struct {
 	NodeName string
 	Model    model.Options
 	Reporter Reporter // nil: warnings are only logged
+	// Gate, if set, must also report true before the first pass (e.g. the
+	// NodePort devices are selected, so the first full sync, which prunes,
+	// does not drop the NodePorts a restarted agent's maps still serve).
+	Gate func() bool
+	// OnResult, if set, gets every pass's model result (health checks,
+	// ...), after the maps were written.
+	OnResult func(model.Result)
 	Metrics  *Metrics // nil: none
 	Log      *slog.Logger
 
@@ -109,6 +117,7 @@ type Reconciler struct {
 	applied  map[lbmap.Frontend]lbmap.Service // nil until the first full pass
 	reported map[string]bool                  // warning keys already reported
 
+	kick         chan struct{} // option changes: a pass is due
 	ready        atomic.Bool
 	pendingSince atomic.Int64 // unix ns of the oldest unprocessed change; 0: none
 	passes       atomic.Int64
@@ -132,7 +141,26 @@ func New(cfg Config) *Reconciler {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	cfg.Model.NodeName = cfg.NodeName
-	return &Reconciler{cfg: cfg, maps: cfg.Maps, reported: map[string]bool{}}
+	return &Reconciler{cfg: cfg, maps: cfg.Maps, reported: map[string]bool{}, kick: make(chan struct{}, 1)}
+}
+
+// SetGate sets Config.Gate; call it before Run.
+func (r *Reconciler) SetGate(g func() bool) {
+	r.mu.Lock()
+	r.cfg.Gate = g
+	r.mu.Unlock()
+}
+
+// SetNodeAddrs changes the addresses NodePorts are served on (model
+// Options.NodeAddrs); Run applies them in its next pass, soon.
+func (r *Reconciler) SetNodeAddrs(addrs []netip.Addr) {
+	r.mu.Lock()
+	r.cfg.Model.NodeAddrs = slices.Clone(addrs)
+	r.mu.Unlock()
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
 }
 
 // Ready reports whether the first full pass has run: the maps reflect the API
@@ -181,6 +209,9 @@ func (r *Reconciler) Reconcile(full bool) (Stats, error) {
 	}
 	st.Services = len(r.applied)
 	st.Backends = distinctBackends(r.applied)
+	if r.cfg.OnResult != nil {
+		r.cfg.OnResult(res)
+	}
 	st.Duration = time.Since(t0)
 	r.passes.Add(1)
 	if m := r.cfg.Metrics; m != nil {
@@ -340,7 +371,7 @@ func (r *Reconciler) report(ws []model.Warning) int {
 func (r *Reconciler) Run(ctx context.Context, changes <-chan struct{}) error {
 	log := r.cfg.Log
 	t0 := time.Now()
-	for !r.cfg.Source.Synced() {
+	for !r.cfg.Source.Synced() || (r.cfg.Gate != nil && !r.cfg.Gate()) {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -420,6 +451,11 @@ func (r *Reconciler) Run(ctx context.Context, changes <-chan struct{}) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-changes:
+			if !pending {
+				pending, since = true, time.Now()
+				r.pendingSince.Store(since.UnixNano())
+			}
+		case <-r.kick:
 			if !pending {
 				pending, since = true, time.Now()
 				r.pendingSince.Store(since.UnixNano())

@@ -13,6 +13,8 @@ package watch
 import (
 	"context"
 	"fmt"
+	"net/netip"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -36,6 +38,9 @@ type Options struct {
 	// ProxyName is our service.kubernetes.io/service-proxy-name value ("":
 	// only unlabelled Services).
 	ProxyName string
+	// OnNodeAddresses, if set, is called (from an informer goroutine) when
+	// this node's status addresses appear or change.
+	OnNodeAddresses func()
 }
 
 // Snapshot is the current state as the informers see it. The objects belong
@@ -83,9 +88,9 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 		informers.WithTweakListOptions(func(lo *metav1.ListOptions) { lo.LabelSelector = sel }),
 		informers.WithTransform(Trim))
 	svcs := w.factory.Core().V1().Services()
-	slices := w.factory.Discovery().V1().EndpointSlices()
-	w.svcLister, w.esLister = svcs.Lister(), slices.Lister()
-	for _, inf := range []cache.SharedIndexInformer{svcs.Informer(), slices.Informer()} {
+	eps := w.factory.Discovery().V1().EndpointSlices()
+	w.svcLister, w.esLister = svcs.Lister(), eps.Lister()
+	for _, inf := range []cache.SharedIndexInformer{svcs.Informer(), eps.Informer()} {
 		reg, err := inf.AddEventHandler(w.handler())
 		if err != nil {
 			return nil, fmt.Errorf("watch: %w", err)
@@ -105,6 +110,22 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 			return nil, fmt.Errorf("watch: %w", err)
 		}
 		w.synced = append(w.synced, reg.HasSynced)
+		if o.OnNodeAddresses != nil {
+			_, err := nodes.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+				AddFunc: func(any) { o.OnNodeAddresses() },
+				UpdateFunc: func(oldObj, newObj any) {
+					o1, ok1 := oldObj.(*corev1.Node)
+					n1, ok2 := newObj.(*corev1.Node)
+					if ok1 && ok2 && slices.Equal(o1.Status.Addresses, n1.Status.Addresses) {
+						return
+					}
+					o.OnNodeAddresses()
+				},
+			})
+			if err != nil {
+				return nil, fmt.Errorf("watch: %w", err)
+			}
+		}
 	}
 	return w, nil
 }
@@ -209,4 +230,26 @@ func Trim(obj any) (any, error) {
 		n.Status.Images = nil // the largest part of a Node, never read
 	}
 	return obj, nil
+}
+
+// NodeIPs returns this node's InternalIP and ExternalIP addresses as the
+// informer sees them (none before the Node is known).
+func (w *Watcher) NodeIPs() []netip.Addr {
+	if w.node == nil {
+		return nil
+	}
+	n, err := w.node.Get(w.opts.NodeName)
+	if err != nil {
+		return nil
+	}
+	var out []netip.Addr
+	for _, a := range n.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil {
+			out = append(out, ip.Unmap())
+		}
+	}
+	return out
 }

@@ -108,7 +108,7 @@ func TestIntegrationAgentBinary(t *testing.T) {
 
 	start := func() (*exec.Cmd, *strings.Builder) {
 		args := append([]string{"run", "--kubeconfig", cp.Kubeconfig, "--k8s-api-server", cp.URL,
-			"--node-name", "n1", "--health-addr", health}, common...)
+			"--node-name", "n1", "--health-addr", health, "--nodeport=false"}, common...) // root netns: no tc, no sysctl
 		cmd := exec.Command(bin, args...)
 		var logs strings.Builder
 		cmd.Stdout, cmd.Stderr = &logs, &logs

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,7 +17,11 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/kpfree/kpfree/agent"
+	"github.com/kpfree/kpfree/agent/healthcheck"
 	"github.com/kpfree/kpfree/agent/lbmap"
+	"github.com/kpfree/kpfree/agent/model"
+	"github.com/kpfree/kpfree/agent/nodeport"
+	"github.com/kpfree/kpfree/agent/sysctl"
 	"github.com/kpfree/kpfree/bpf"
 	"github.com/kpfree/kpfree/internal/version"
 )
@@ -50,11 +55,17 @@ a gap. Removing the datapath is 'kpfree migrate --rollback's job, not this comma
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "serve Prometheus /metrics on --health-addr"},
 			&cli.StringFlag{Name: "proxy-name", EnvVars: []string{"KPFREE_PROXY_NAME"},
 				Usage: "also handle Services labelled service.kubernetes.io/service-proxy-name=`NAME` (unlabelled ones are always handled)"},
-			// NodePort flags: the chart passes them already; the NodePort
-			// datapath is a later issue, so they are validated and reported.
-			&cli.StringSliceFlag{Name: "devices", Usage: "NodePort: interfaces to attach to (not implemented yet: accepted and ignored)"},
-			&cli.StringFlag{Name: "nodeport-range", Value: "30000-32767", Usage: "NodePort: `FIRST-LAST`, as kube-apiserver's --service-node-port-range (not used yet)"},
-			&cli.StringFlag{Name: "lb-algorithm", Value: "random", Usage: "how a backend is picked: random (maglev is not implemented)"},
+			&cli.BoolFlag{Name: "nodeport", Value: true,
+				Usage: "serve NodePort, ExternalIPs and LoadBalancer IPs for traffic entering the node (tc programs on --devices); strict mode then also needs the kernel's tc features"},
+			&cli.StringSliceFlag{Name: "devices",
+				Usage: "interfaces (names or globs like eth*) for the tc programs; NodePorts are served on their addresses. Default: the devices holding the Node's InternalIP/ExternalIP or a default route"},
+			&cli.BoolFlag{Name: "force-legacy-tc", Usage: "attach with clsact + cls_bpf even where tcx exists (the path of kernels < 6.6)"},
+			&cli.StringFlag{Name: "nodeport-range", Value: "30000-32767", Usage: "`FIRST-LAST`, as kube-apiserver's --service-node-port-range: reserved in net.ipv4.ip_local_reserved_ports so no local socket takes one as its ephemeral port"},
+			&cli.BoolFlag{Name: "reserve-nodeport-range", Value: true, Usage: "write --nodeport-range into ip_local_reserved_ports (under --proc-sys)"},
+			&cli.StringFlag{Name: "proc-sys", Value: "/proc/sys", Usage: "`DIR` where the node's /proc/sys is (in a pod: a hostPath mount of /proc/sys/net)"},
+			&cli.BoolFlag{Name: "loopback-nodeport", Value: true, Usage: "also serve NodePorts on 127.0.0.1 for this node's own processes and pods"},
+			&cli.StringFlag{Name: "lb-algorithm", Value: "random", Usage: "how tc picks a backend for external traffic: random, or maglev (consistent hashing: every node picks the same backend for a flow)"},
+			&cli.DurationFlag{Name: "ct-gc-interval", Value: nodeport.DefaultGCInterval, Usage: "how often expired tc conntrack entries are removed"},
 			&cli.UintFlag{Name: "lb-map-max", Value: 65536,
 				Usage: "entries of the Service maps: frontends + backend slots (a Service with 2 endpoints takes 3), also the size of the backend, reverse-NAT and affinity-match maps; a change resizes the pinned maps at start, keeping their entries"},
 			&cli.UintFlag{Name: "ct-map-max", Value: 131072, Usage: "entries of the tc connection tracking map (LRU; 4 per SNATed flow, 2 per other flow)"},
@@ -94,7 +105,8 @@ func runAgent(c *cli.Context) error {
 	klog.SetSlogLogger(log.With("source", "client-go"))
 	log.Info("starting", "version", version.Get())
 
-	if err := checkLBFlags(c, log); err != nil {
+	npLo, npHi, err := checkLBFlags(c)
+	if err != nil {
 		return err
 	}
 	node := c.String("node-name")
@@ -118,7 +130,7 @@ func runAgent(c *cli.Context) error {
 		return usageError{err}
 	}
 
-	report, err := checkKernel(c.Bool("strict"), log)
+	report, err := checkKernel(c.Bool("strict"), c.Bool("nodeport"), log)
 	if err != nil {
 		return err
 	}
@@ -185,20 +197,78 @@ func runAgent(c *cli.Context) error {
 	}
 	log.Info("API server", "url", restCfg.Host, "credentials", how)
 
-	a, err := agent.New(agent.Config{
-		Client:          client,
-		Maps:            maps,
-		Reload:          func() (lbmap.Maps, error) { return lbmap.New(dp.Maps) },
-		NodeName:        node,
-		ProxyName:       c.String("proxy-name"),
-		MinSyncInterval: c.Duration("min-sync-interval"),
-		ResyncInterval:  c.Duration("resync-interval"),
-		Log:             log,
-	})
+	ctx, cancel := context.WithCancel(c.Context)
+	defer cancel()
+	var (
+		np *nodeport.Manager
+		hc *healthcheck.Server
+	)
+	cfg := agent.Config{
+		Client:           client,
+		Maps:             maps,
+		Reload:           func() (lbmap.Maps, error) { return lbmap.New(dp.Maps) },
+		NodeName:         node,
+		ProxyName:        c.String("proxy-name"),
+		LBAlgorithm:      c.String("lb-algorithm"),
+		LoopbackNodePort: c.Bool("loopback-nodeport"),
+		MinSyncInterval:  c.Duration("min-sync-interval"),
+		ResyncInterval:   c.Duration("resync-interval"),
+		Log:              log,
+	}
+	if c.Bool("nodeport") {
+		if c.Bool("reserve-nodeport-range") {
+			changed, err := sysctl.ReserveNodePortRange(c.String("proc-sys"), npLo, npHi)
+			if err != nil {
+				return fmt.Errorf("reserve the NodePort range %d-%d (--reserve-nodeport-range=false skips it): %w", npLo, npHi, err)
+			}
+			log.Info("NodePort range reserved in ip_local_reserved_ports", "range", fmt.Sprintf("%d-%d", npLo, npHi), "changed", changed)
+		}
+		hc = healthcheck.New(nil, log)
+		defer hc.Close()
+		var lastErr string
+		cfg.OnHealthChecks = func(checks []model.HealthCheck) {
+			err := hc.Sync(healthChecks(checks))
+			if msg := fmt.Sprint(err); err != nil && msg != lastErr {
+				log.Warn("healthCheckNodePort", "err", err)
+			}
+			lastErr = fmt.Sprint(err)
+		}
+		cfg.OnNodeAddresses = func() {
+			if np != nil {
+				np.Trigger()
+			}
+		}
+	}
+	a, err := agent.New(cfg)
 	if err != nil {
 		return err
 	}
-	ctx := c.Context
+	npErr := make(chan error, 1)
+	if c.Bool("nodeport") {
+		np, err = nodeport.New(nodeport.Config{
+			Datapath:      dp,
+			Devices:       c.StringSlice("devices"),
+			ForceLegacyTC: c.Bool("force-legacy-tc"),
+			NodeIPs:       a.NodeIPs,
+			OnNodeAddrs:   a.SetNodeAddrs,
+			GCInterval:    c.Duration("ct-gc-interval"),
+			Log:           log.With("component", "nodeport"),
+		})
+		if err != nil {
+			return err
+		}
+		a.SetGate(np.Ready)
+		a.Registry().MustRegister(np.Collectors()...)
+		go func() {
+			// Select devices once the Node (its addresses) is known.
+			if a.WaitForSync(ctx) {
+				if err := np.Run(ctx); err != nil {
+					npErr <- err
+					cancel()
+				}
+			}
+		}()
+	}
 	var served <-chan error
 	if addr := c.String("health-addr"); addr != "" {
 		if _, served, err = agent.Serve(ctx, addr, a.Handler(c.Bool("metrics")), log); err != nil {
@@ -206,6 +276,11 @@ func runAgent(c *cli.Context) error {
 		}
 	}
 	err = a.Run(ctx)
+	select {
+	case nerr := <-npErr:
+		err = errors.Join(nerr, err)
+	default:
+	}
 	if served != nil {
 		if serr := <-served; serr != nil {
 			err = errors.Join(err, serr)
@@ -227,6 +302,14 @@ func mapSizes(c *cli.Context) (bpf.MapSizes, error) {
 	}
 	n := uint32(lb)
 	return bpf.MapSizes{Services: n, Backends: n, RevNat: n, AffinityMatch: n, CT: uint32(ct)}, nil
+}
+
+func healthChecks(in []model.HealthCheck) []healthcheck.Check {
+	out := make([]healthcheck.Check, len(in))
+	for i, h := range in {
+		out[i] = healthcheck.Check{Namespace: h.Service.Namespace, Name: h.Service.Name, Port: h.Port, LocalEndpoints: h.LocalEndpoints}
+	}
+	return out
 }
 
 // restConfig builds the API server client config: a kubeconfig, or the pod's
@@ -264,13 +347,20 @@ func restConfig(server, kubeconfig string) (*rest.Config, string, error) {
 // ECONNREFUSED below 5.18, no getpeername translation below 5.8). Strict also
 // refuses when the probe is inconclusive; --strict=false then lets the loader
 // try anyway.
-func checkKernel(strict bool, log *slog.Logger) (*bpf.Report, error) {
+func checkKernel(strict, nodePort bool, log *slog.Logger) (*bpf.Report, error) {
 	rep, perr := bpf.Probe()
 	var missing []string
 	for _, f := range rep.Missing() {
 		missing = append(missing, fmt.Sprintf("  - %s: mandatory, needs Linux %s", f.Feature, f.Kernel))
 	}
-	for _, f := range rep.Degraded() {
+	degraded := rep.Degraded()
+	if nodePort {
+		for _, f := range rep.MissingForNodePort() {
+			missing = append(missing, fmt.Sprintf("  - %s: mandatory for NodePort (--nodeport), needs Linux %s", f.Feature, f.Kernel))
+		}
+		degraded = append(degraded, rep.DegradedForNodePort()...)
+	}
+	for _, f := range degraded {
 		log.Warn("optional kernel feature missing: running with the fallback", "feature", f.Feature, "kernel", f.Kernel, "effect", f.Effect)
 	}
 	if perr != nil && strict {
@@ -286,25 +376,22 @@ func checkKernel(strict bool, log *slog.Logger) (*bpf.Report, error) {
 	return &rep, nil
 }
 
-// checkLBFlags validates the flags of features that are not there yet, so a
-// chart value that cannot be honoured fails the start instead of being
-// silently ignored.
-func checkLBFlags(c *cli.Context, log *slog.Logger) error {
+// checkLBFlags validates the load balancing flags and returns the NodePort
+// range.
+func checkLBFlags(c *cli.Context) (lo, hi uint16, err error) {
 	switch alg := c.String("lb-algorithm"); alg {
-	case "random":
-	case "maglev":
-		return usagef("--lb-algorithm=maglev is not implemented yet; use random")
+	case model.LBRandom, model.LBMaglev:
 	default:
-		return usagef("--lb-algorithm %q: must be random or maglev", alg)
+		return 0, 0, usagef("--lb-algorithm %q: must be random or maglev", alg)
 	}
 	first, last, ok := strings.Cut(c.String("nodeport-range"), "-")
 	a, err1 := strconv.Atoi(first)
 	b, err2 := strconv.Atoi(last)
 	if !ok || err1 != nil || err2 != nil || a < 1 || a >= b || b > 65535 {
-		return usagef("--nodeport-range %q: want FIRST-LAST with 1 <= FIRST < LAST <= 65535", c.String("nodeport-range"))
+		return 0, 0, usagef("--nodeport-range %q: want FIRST-LAST with 1 <= FIRST < LAST <= 65535", c.String("nodeport-range"))
 	}
-	if d := c.StringSlice("devices"); len(d) > 0 {
-		log.Warn("NodePort is not implemented yet: --devices ignored", "devices", strings.Join(d, ","))
+	if !c.Bool("nodeport") && c.IsSet("devices") {
+		return 0, 0, usagef("--devices needs --nodeport")
 	}
-	return nil
+	return uint16(a), uint16(b), nil
 }

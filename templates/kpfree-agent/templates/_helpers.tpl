@@ -89,11 +89,15 @@ Where the host's cgroup2 mount appears in the pod, and the agent's
 {{- with $v.proxyName -}}
 {{- $args = append $args (printf "--proxy-name=%s" .) -}}
 {{- end -}}
+{{- $args = append $args (printf "--nodeport=%t" $v.nodePort) -}}
 {{- with $v.devices -}}
 {{- $args = append $args (printf "--devices=%s" (join "," .)) -}}
 {{- end -}}
+{{- $args = append $args "--proc-sys=/host/proc/sys" -}}
 {{- $args = append $args (printf "--nodeport-range=%s" (include "kpfree-agent.nodePortRange" .)) -}}
 {{- $args = append $args (printf "--lb-algorithm=%s" $v.lbAlgorithm) -}}
+{{- $args = append $args (printf "--lb-map-max=%d" (int $v.lbMapMax)) -}}
+{{- $args = append $args (printf "--ct-map-max=%d" (int $v.ctMapMax)) -}}
 {{- $args = concat $args $v.extraArgs -}}
 {{- toYaml $args -}}
 {{- end -}}
