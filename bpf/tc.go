@@ -3,6 +3,7 @@
 package bpf
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
@@ -485,4 +486,58 @@ func deleteClsactIfEmpty(dev netlink.Link) error {
 		return fmt.Errorf("delete clsact qdisc of %s: %w", dev.Attrs().Name, err)
 	}
 	return nil
+}
+
+// TCAttachment is one device kpfree's tc programs are recorded on (from the
+// pins: read-only, nothing is loaded).
+type TCAttachment struct {
+	Device string   `json:"device"`
+	Mode   TCMode   `json:"mode"`
+	Hooks  []string `json:"hooks"` // ingress4, ingress6, egress4, egress6
+}
+
+// TCAttachments lists the devices with kpfree tc programs pinned under
+// pinDir (as LoadNodePort left them), sorted by device.
+func TCAttachments(pinDir string) ([]TCAttachment, error) {
+	dir := filepath.Join(pinDir, PinVersion)
+	byDev := map[TCMode]map[string][]string{TCModeTCX: {}, TCModeClsact: {}}
+	ents, err := os.ReadDir(tcxLinkDir(dir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	for _, e := range ents {
+		i := strings.LastIndexByte(e.Name(), '-')
+		if i < 0 {
+			continue
+		}
+		dev := unescapeIfname(e.Name()[:i])
+		byDev[TCModeTCX][dev] = append(byDev[TCModeTCX][dev], e.Name()[i+1:])
+	}
+	devs, err := os.ReadDir(clsactDir(dir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	for _, d := range devs {
+		hooks, err := os.ReadDir(filepath.Join(clsactDir(dir), d.Name()))
+		if err != nil {
+			return nil, err
+		}
+		dev := unescapeIfname(d.Name())
+		for _, h := range hooks {
+			if h.Name() != qdiscMarker {
+				byDev[TCModeClsact][dev] = append(byDev[TCModeClsact][dev], h.Name())
+			}
+		}
+	}
+	var out []TCAttachment
+	for mode, m := range byDev {
+		for dev, hooks := range m {
+			slices.Sort(hooks)
+			out = append(out, TCAttachment{Device: dev, Mode: mode, Hooks: hooks})
+		}
+	}
+	slices.SortFunc(out, func(a, b TCAttachment) int {
+		return cmp.Or(strings.Compare(a.Device, b.Device), strings.Compare(string(a.Mode), string(b.Mode)))
+	})
+	return out, nil
 }

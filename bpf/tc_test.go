@@ -11,6 +11,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
 	"testing"
@@ -194,6 +195,15 @@ func TestIntegrationTCAttach(t *testing.T) {
 			np = e.loadNodePort(dp, bpf.NodePortOptions{Devices: tcDevs[:1], ForceLegacyTC: opts.ForceLegacyTC})
 			e.requireAttached(tcDevs[0], mode)
 			e.requireBare(tcDevs[1], false)
+			// ...and the pins say so (what kpfree-agent status shows).
+			atts, err := bpf.TCAttachments(e.pinDir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := []bpf.TCAttachment{{Device: tcDevs[0], Mode: mode, Hooks: []string{"egress4", "egress6", "ingress4", "ingress6"}}}
+			if !reflect.DeepEqual(atts, want) {
+				t.Fatalf("TCAttachments = %+v, want %+v", atts, want)
+			}
 
 			// Detach leaves nothing: no programs, no pins, and no clsact
 			// qdisc (kpfree created it).

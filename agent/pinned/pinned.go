@@ -42,6 +42,7 @@ func OpenMaps(bpffs string) (bpf.MapSet, error) {
 		{bpf.MapServices, &m.Services}, {bpf.MapBackends, &m.Backends}, {bpf.MapRevNat, &m.RevNat},
 		{bpf.MapAffinity, &m.Affinity}, {bpf.MapAffMatch, &m.AffinityMatch}, {bpf.MapSockRevNat, &m.SockRevNat},
 		{bpf.MapSrcRanges, &m.SrcRanges}, {bpf.MapMaglev, &m.Maglev},
+		{bpf.MapCT, &m.CT}, {bpf.MapDevices, &m.Devices}, {bpf.MapStats, &m.Stats},
 	} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, x.name), &ebpf.LoadPinOptions{ReadOnly: true})
 		if err != nil {

@@ -56,6 +56,16 @@ type featureStatus struct {
 	Effect    string `json:"effect,omitempty"`
 }
 
+type deviceStatus struct {
+	Name   string   `json:"name"`
+	Index  int      `json:"index,omitempty"`
+	Mode   string   `json:"mode"`
+	Hooks  []string `json:"hooks"`
+	SNATv4 string   `json:"snatIPv4,omitempty"`
+	SNATv6 string   `json:"snatIPv6,omitempty"`
+	Note   string   `json:"note,omitempty"`
+}
+
 type agentStatus struct {
 	PinDir     string          `json:"pinDir"`
 	Installed  bool            `json:"installed"`
@@ -68,8 +78,12 @@ type agentStatus struct {
 	Affinity   int             `json:"affinity"`
 	MapsError  string          `json:"mapsError,omitempty"`
 	Agent      string          `json:"agent"`
-	Kernel     []featureStatus `json:"kernel"`
-	ProbeError string          `json:"probeError,omitempty"`
+	// Traffic entering the node (tc): where the programs are, what they did.
+	Devices    []deviceStatus    `json:"devices"`
+	Conntrack  int               `json:"conntrackEntries"`
+	Counters   map[string]uint64 `json:"counters,omitempty"`
+	Kernel     []featureStatus   `json:"kernel"`
+	ProbeError string            `json:"probeError,omitempty"`
 }
 
 func gatherStatus(c *cli.Context) agentStatus {
@@ -87,6 +101,7 @@ func gatherStatus(c *cli.Context) agentStatus {
 	} else {
 		st.Installed = true
 		svcs, err := pinned.Services(m)
+		st.Devices, st.Conntrack, st.Counters = nodePortStatus(bpffs, m)
 		m.Close()
 		if err != nil {
 			st.MapsError = err.Error()
@@ -140,6 +155,46 @@ func gatherStatus(c *cli.Context) agentStatus {
 	return st
 }
 
+// nodePortStatus reads where the tc programs are attached (pins), their SNAT
+// addresses (kpf_devices, by ifindex in this network namespace), the
+// conntrack entry count and the packet counters.
+func nodePortStatus(bpffs string, m bpf.MapSet) ([]deviceStatus, int, map[string]uint64) {
+	devs := []deviceStatus{}
+	atts, err := bpf.TCAttachments(bpffs)
+	if err != nil {
+		devs = append(devs, deviceStatus{Note: "reading tc pins: " + err.Error()})
+	}
+	snat, _ := lbmap.ReadDevices(m.Devices)
+	byName := map[string]lbmap.DeviceAddrs{}
+	idx := map[string]int{}
+	for i, a := range snat {
+		if ifc, err := net.InterfaceByIndex(i); err == nil {
+			byName[ifc.Name], idx[ifc.Name] = a, i
+		}
+	}
+	for _, a := range atts {
+		d := deviceStatus{Name: a.Device, Mode: string(a.Mode), Hooks: a.Hooks, Index: idx[a.Device]}
+		if s, ok := byName[a.Device]; ok {
+			if s.V4.IsValid() {
+				d.SNATv4 = s.V4.String()
+			}
+			if s.V6.IsValid() {
+				d.SNATv6 = s.V6.String()
+			}
+		}
+		if _, err := net.InterfaceByName(a.Device); err != nil {
+			d.Note = "device not found in this network namespace"
+		}
+		devs = append(devs, d)
+	}
+	ct := -1
+	if entries, err := lbmap.DumpConntrack(m.CT); err == nil {
+		ct = len(entries)
+	}
+	counters, _ := lbmap.ReadStats(m.Stats)
+	return devs, ct, counters
+}
+
 func joinKeys(m map[string]bool, none string) string {
 	if len(m) == 0 {
 		return none
@@ -191,6 +246,31 @@ func writeStatus(w io.Writer, st agentStatus) error {
 		}
 	}
 	kv("attach mode", st.AttachMode)
+	if len(st.Devices) == 0 {
+		kv("devices", "none (no tc programs: NodePort, ExternalIPs and LoadBalancer IPs not served)")
+	}
+	for _, d := range st.Devices {
+		v := fmt.Sprintf("%s (%s: %s)", d.Name, d.Mode, strings.Join(d.Hooks, " "))
+		if d.SNATv4 != "" || d.SNATv6 != "" {
+			v += " snat " + strings.TrimSpace(d.SNATv4+" "+d.SNATv6)
+		}
+		if d.Note != "" {
+			v += " - " + d.Note
+		}
+		kv("device", v)
+	}
+	if st.Installed {
+		kv("conntrack", fmt.Sprintf("%d entries", st.Conntrack))
+		var cs []string
+		for _, n := range bpf.StatNames {
+			if v := st.Counters[n]; v > 0 {
+				cs = append(cs, fmt.Sprintf("%s=%d", n, v))
+			}
+		}
+		if len(cs) > 0 {
+			kv("packets", strings.Join(cs, " "))
+		}
+	}
 	kv("cgroup root", st.CgroupRoot)
 	kv("agent", st.Agent)
 	fmt.Fprintln(w, "programs:")
