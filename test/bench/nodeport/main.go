@@ -12,9 +12,10 @@
 // alternating, at 1 Service and again after -services ClusterIP Services
 // with EndpointSlices have been created through the API server (real
 // objects, the agent's own watch path). It reports p50/p99 of both and the
-// NodePort/direct ratio, as JSON (-out) and one summary line. The agent's
-// services map holds 65,536 entries (master + slot per Service port), so
-// the output says how many Services the agent had actually programmed.
+// NodePort/direct ratio, as JSON (-out) and one summary line. The agents run
+// with --lb-map-max sized for -services (a Service with one endpoint takes 2
+// entries), and the output says how many Services the agent had actually
+// programmed.
 //
 // Run by `make bench` (test/bench/run.sh); needs root and make k8s-binaries.
 package main
@@ -171,7 +172,8 @@ func run(o opts) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	c, err := nodeport.Setup(ctx, s, cp, client, nodeport.Options{AgentBin: agentBin, LogDir: filepath.Join(dir, "logs"), Logf: logf})
+	c, err := nodeport.Setup(ctx, s, cp, client, nodeport.Options{AgentBin: agentBin, LogDir: filepath.Join(dir, "logs"), Logf: logf,
+		AgentArgs: []string{fmt.Sprintf("--lb-map-max=%d", lbMapMax(o.services))}})
 	if c != nil {
 		defer func() {
 			if cerr := c.Close(context.Background()); cerr != nil {
@@ -419,4 +421,10 @@ func summary(r *Result) string {
 		parts = append(parts, p)
 	}
 	return "nodeport (" + r.Method + "): " + strings.Join(parts, "; ")
+}
+
+// lbMapMax sizes the agent's Service maps for n single-endpoint Services
+// (master + one slot each) with room to spare.
+func lbMapMax(n int) int {
+	return max(65536, 4*n)
 }
