@@ -9,6 +9,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -113,7 +114,7 @@ func New(cfg Config) (*Agent, error) {
 		NodeName: cfg.NodeName,
 		Model: model.Options{ProxyName: cfg.ProxyName, LBAlgorithm: cfg.LBAlgorithm,
 			LoopbackNodePort: cfg.LoopbackNodePort, NodeAddrs: cfg.NodeAddrs},
-		OnResult:       onResult(cfg.OnHealthChecks),
+		OnHealthChecks: cfg.OnHealthChecks,
 		Gate:           cfg.Gate,
 		Reporter:       reporter,
 		Metrics:        reconcile.NewMetrics(a.registry),
@@ -122,13 +123,6 @@ func New(cfg Config) (*Agent, error) {
 		ResyncInterval: cfg.ResyncInterval,
 	})
 	return a, nil
-}
-
-func onResult(hc func([]model.HealthCheck)) func(model.Result) {
-	if hc == nil {
-		return nil
-	}
-	return func(r model.Result) { hc(r.HealthChecks) }
 }
 
 // SetNodeAddrs changes the addresses NodePorts are served on.
@@ -197,10 +191,41 @@ func (a *Agent) Handler(metrics bool) http.Handler {
 		}
 		fmt.Fprintln(w, "ok")
 	})
+	// The model options in force, so that `kpfree verify` can compute what
+	// this agent's maps must hold (NodePort addresses differ per node).
+	mux.HandleFunc("GET /options", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(OptionsOf(a.rec.ModelOptions()))
+	})
 	if metrics {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(a.registry, promhttp.HandlerOpts{Registry: a.registry}))
 	}
 	return mux
+}
+
+// Options is the JSON form of the model options an agent runs with (its
+// /options endpoint).
+type Options struct {
+	NodeName         string       `json:"nodeName"`
+	ProxyName        string       `json:"proxyName"`
+	NodeAddrs        []netip.Addr `json:"nodeAddrs"`
+	LoopbackNodePort bool         `json:"loopbackNodePort"`
+	LBAlgorithm      string       `json:"lbAlgorithm"`
+}
+
+// OptionsOf converts model options to their JSON form.
+func OptionsOf(o model.Options) Options {
+	if o.NodeAddrs == nil {
+		o.NodeAddrs = []netip.Addr{}
+	}
+	return Options{NodeName: o.NodeName, ProxyName: o.ProxyName, NodeAddrs: o.NodeAddrs,
+		LoopbackNodePort: o.LoopbackNodePort, LBAlgorithm: o.LBAlgorithm}
+}
+
+// Model converts back to model options.
+func (o Options) Model() model.Options {
+	return model.Options{NodeName: o.NodeName, ProxyName: o.ProxyName, NodeAddrs: o.NodeAddrs,
+		LoopbackNodePort: o.LoopbackNodePort, LBAlgorithm: o.LBAlgorithm}
 }
 
 // Serve serves h on addr until ctx ends. The listener is opened before it

@@ -4,8 +4,10 @@ package agent_test
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -53,6 +55,20 @@ func TestAgentWithFakeClientset(t *testing.T) {
 	dump := func() string { d, _ := maps.Dump(); return lbmap.Format(d) }
 	if got, want := dump(), "SVC 10.96.0.10:80/TCP -> 10.244.0.1:8080 10.244.0.2:8080\n"; got != want {
 		t.Fatalf("maps:\n%s\nwant:\n%s", got, want)
+	}
+
+	// Node addresses arrive later (device selection): NodePorts follow, and
+	// /options says what the model runs with (kpfree verify reads it).
+	a.SetNodeAddrs([]netip.Addr{netip.MustParseAddr("198.18.0.2")})
+	resp, err := http.Get(srv.URL + "/options")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var opts agent.Options
+	err = json.NewDecoder(resp.Body).Decode(&opts)
+	resp.Body.Close()
+	if err != nil || opts.NodeName != "n1" || len(opts.NodeAddrs) != 1 || opts.NodeAddrs[0].String() != "198.18.0.2" {
+		t.Fatalf("/options = %+v, %v; want node n1 with address 198.18.0.2", opts, err)
 	}
 
 	es, err := cs.DiscoveryV1().EndpointSlices(ns).Get(ctx, "web-1", metav1.GetOptions{})

@@ -17,6 +17,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/kpfree/kpfree/agent"
 	"github.com/kpfree/kpfree/agent/model"
 	"github.com/kpfree/kpfree/internal/install"
 )
@@ -43,9 +44,10 @@ type agentService struct {
 type expected map[string][]string
 
 // desired runs the agent's own model over the API's Services and
-// EndpointSlices, for one node.
-func desired(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, node, proxyName string) expected {
-	res := model.Build(svcs, eps, node, model.Options{ProxyName: proxyName})
+// EndpointSlices, for one node, with the options that node's agent runs
+// with (its NodePort addresses in particular).
+func desired(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, node string, o model.Options) expected {
+	res := model.Build(svcs, eps, node, o)
 	out := expected{}
 	for _, s := range res.Services() {
 		var bs []string
@@ -120,6 +122,20 @@ func agentSettings(ds *appsv1.DaemonSet) (proxyName string, healthPort int) {
 	return proxyName, healthPort
 }
 
+// agentOptions reads the model options an agent runs with (GET /options on
+// its health port).
+func (r *run) agentOptions(ctx context.Context, pod string, healthPort int) (model.Options, error) {
+	body, err := r.o.Pods.ProxyGet(ctx, r.o.AgentNamespace, pod, healthPort, "/options", nil)
+	if err != nil {
+		return model.Options{}, err
+	}
+	var ao agent.Options
+	if err := json.Unmarshal(body, &ao); err != nil {
+		return model.Options{}, fmt.Errorf("unreadable /options: %w", err)
+	}
+	return ao.Model(), nil
+}
+
 // agentMaps compares every agent's maps with the API, for up to mapsSettle
 // (the agents follow the API asynchronously). Each agent is asked with
 // `kpfree-agent services -o json` in its pod; when that cannot run, its
@@ -177,7 +193,14 @@ func (r *run) agentMapsOnce(ctx context.Context, proxyName string, healthPort in
 			details = append(details, fmt.Sprintf("%s: not checked, no ready agent (%s)", n.Node, n.Reason))
 			continue
 		}
-		want := desired(svcs, eps, n.Node, proxyName)
+		opts, oerr := r.agentOptions(ctx, n.Pod, healthPort)
+		if oerr != nil {
+			bad = append(bad, n.Node)
+			details = append(details, fmt.Sprintf("%s: cannot read the agent's options (/options on port %d): %s", n.Node, healthPort, oneLine(oerr.Error())))
+			continue
+		}
+		opts.ProxyName = proxyName
+		want := desired(svcs, eps, n.Node, opts)
 		out, stderr, err := o.Pods.Exec(ctx, o.AgentNamespace, n.Pod, agentContainer, AgentServicesCommand)
 		if err == nil {
 			var got []agentService

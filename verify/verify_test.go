@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io/fs"
+	"net/netip"
 	"net/url"
 	"regexp"
 	"strings"
@@ -22,6 +23,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/utils/ptr"
 
+	"github.com/kpfree/kpfree/agent"
 	"github.com/kpfree/kpfree/internal/ssh"
 )
 
@@ -197,7 +199,17 @@ func (c *cluster) answer(ns, svc, target string, i int) (string, error) {
 // `services -o json` from the model.
 type pods struct{ c *cluster }
 
+// fakeAgentOptions are the model options every fake agent runs with: a
+// NodePort address and loopback, so agent-maps must take them from
+// /options to match.
+func fakeAgentOptions(node string) agent.Options {
+	return agent.Options{NodeName: node, NodeAddrs: []netip.Addr{netip.MustParseAddr("192.0.2.1")}, LoopbackNodePort: true}
+}
+
 func (p pods) ProxyGet(_ context.Context, ns, pod string, port int, path string, params map[string]string) ([]byte, error) {
+	if path == "/options" {
+		return json.Marshal(fakeAgentOptions(strings.TrimPrefix(pod, "kpfree-agent-")))
+	}
 	if path != "/dial" {
 		return nil, fmt.Errorf("fake: no %s", path)
 	}
@@ -235,7 +247,7 @@ func (p pods) Exec(ctx context.Context, ns, pod, container string, cmd []string)
 		ep = append(ep, &eps.Items[i])
 	}
 	var out []agentService
-	for f, bs := range desired(sp, ep, node, "") {
+	for f, bs := range desired(sp, ep, node, fakeAgentOptions(node).Model()) {
 		out = append(out, agentService{Frontend: f, Backends: bs})
 	}
 	b, err := json.Marshal(out)

@@ -1,14 +1,25 @@
 // Package reconcile keeps the load balancer maps equal to what the model
 // derives from the informer caches.
 //
-// One pass reads the caches, runs the (pure) model and writes the
-// difference. Passes are idempotent: an unchanged desired state writes
-// nothing. Before the informers have synced nothing is written at all, so a
-// restarted agent keeps serving from the pinned maps the last one left
-// (lbmap.New restores its bookkeeping from them) and never prunes a Service
-// only because its object has not been listed yet. The first pass after the
-// sync is a full lbmap Sync (prune included); later passes upsert what
-// changed and delete what went; a periodic full pass heals drift.
+// The model is kept in a model.Index. Passes are of three kinds:
+//
+//   - full: rebuild the Index from a Snapshot of the caches and make the maps
+//     hold exactly its Services (lbmap Sync, prune included): the first pass
+//     after the informers synced, and every ResyncInterval (which also
+//     checks the maps for drift);
+//   - rebuild: the same rebuild, then write only what differs from what was
+//     written: after an option change (SetNodeAddrs), after a failed read,
+//     and on every pass when the Source cannot say what changed;
+//   - incremental: take the Services the Source marked dirty
+//     (IncrementalSource), rebuild only those in the Index and write its
+//     Delta, plus the frontends whose writes failed before. Its cost follows
+//     the change, not the cluster.
+//
+// Passes are idempotent: an unchanged desired state writes nothing. Before
+// the informers have synced nothing is written at all, so a restarted agent
+// keeps serving from the pinned maps the last one left (lbmap.New restores
+// its bookkeeping from them) and never prunes a Service only because its
+// object has not been listed yet.
 //
 // Write errors (map full, kernel errors) are counted, logged and retried
 // with backoff; they never stop the loop.
@@ -24,6 +35,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/kpfree/kpfree/agent/lbmap"
 	"github.com/kpfree/kpfree/agent/model"
@@ -46,6 +61,17 @@ var ErrNotSynced = errors.New("reconcile: informers have not synced yet; nothing
 type Source interface {
 	Synced() bool
 	Snapshot() (watch.Snapshot, error)
+}
+
+// IncrementalSource is a Source that also tracks which Services changed
+// (watch.Watcher): the reconciler then rebuilds only those.
+type IncrementalSource interface {
+	Source
+	// TakeDirty returns the Services changed since the last call and
+	// forgets them.
+	TakeDirty() []types.NamespacedName
+	// Service returns a Service's current object (nil: gone) and slices.
+	Service(key types.NamespacedName) (*corev1.Service, []*discoveryv1.EndpointSlice, error)
 }
 
 // Reporter receives each model warning once (per Service generation) for as
@@ -76,11 +102,12 @@ type Config struct {
 	// NodePort devices are selected, so the first full sync, which prunes,
 	// does not drop the NodePorts a restarted agent's maps still serve).
 	Gate func() bool
-	// OnResult, if set, gets every pass's model result (health checks,
-	// ...), after the maps were written.
-	OnResult func(model.Result)
-	Metrics  *Metrics // nil: none
-	Log      *slog.Logger
+	// OnHealthChecks, if set, gets the health checks after every pass, once
+	// the maps were written (cheap: the Index keeps the list between
+	// changes). The slice is shared: do not modify it.
+	OnHealthChecks func([]model.HealthCheck)
+	Metrics        *Metrics // nil: none
+	Log            *slog.Logger
 
 	// MinInterval is the shortest time between two passes: changes that
 	// arrive meanwhile are batched (default 100 ms).
@@ -100,10 +127,14 @@ type Stats struct {
 	Full               bool
 	Services, Backends int // programmed after the pass
 	Upserts, Deletes   int // Services written or deleted (a full pass counts every desired one)
-	Errors, MapFull    int
-	Drift              bool
-	NewWarnings        int
-	Duration           time.Duration
+	// Mode is "full", "rebuild" or "incremental" (see the package doc).
+	Mode string
+	// Dirty is the number of Services an incremental pass rebuilt.
+	Dirty           int
+	Errors, MapFull int
+	Drift           bool
+	NewWarnings     int
+	Duration        time.Duration
 	// Err joins the write errors of the pass (also counted in Errors).
 	Err error
 }
@@ -112,10 +143,18 @@ type Stats struct {
 type Reconciler struct {
 	cfg Config
 
-	mu       sync.Mutex // one pass at a time
-	maps     lbmap.Maps
-	applied  map[lbmap.Frontend]lbmap.Service // nil until the first full pass
-	reported map[string]bool                  // warning keys already reported
+	mu      sync.Mutex // one pass at a time
+	maps    lbmap.Maps
+	index   *model.Index
+	applied map[lbmap.Frontend]lbmap.Service // nil until the first full pass
+	// backendRefs counts the applied Services per backend (Stats.Backends).
+	backendRefs map[lbmap.Backend]int
+	// retry holds frontends whose last write failed (incremental passes
+	// write them again).
+	retry map[lbmap.Frontend]struct{}
+	// rebuild: the next pass must rebuild the model from a Snapshot
+	// (options changed, or a failed pass lost the dirty set).
+	rebuild bool
 
 	kick         chan struct{} // option changes: a pass is due
 	ready        atomic.Bool
@@ -141,7 +180,17 @@ func New(cfg Config) *Reconciler {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	cfg.Model.NodeName = cfg.NodeName
-	return &Reconciler{cfg: cfg, maps: cfg.Maps, reported: map[string]bool{}, kick: make(chan struct{}, 1)}
+	return &Reconciler{cfg: cfg, maps: cfg.Maps, index: model.NewIndex(), backendRefs: map[lbmap.Backend]int{},
+		retry: map[lbmap.Frontend]struct{}{}, kick: make(chan struct{}, 1)}
+}
+
+// ModelOptions returns the model options the next pass uses.
+func (r *Reconciler) ModelOptions() model.Options {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	o := r.cfg.Model
+	o.NodeAddrs = slices.Clone(o.NodeAddrs)
+	return o
 }
 
 // SetGate sets Config.Gate; call it before Run.
@@ -156,6 +205,7 @@ func (r *Reconciler) SetGate(g func() bool) {
 func (r *Reconciler) SetNodeAddrs(addrs []netip.Addr) {
 	r.mu.Lock()
 	r.cfg.Model.NodeAddrs = slices.Clone(addrs)
+	r.rebuild = true
 	r.mu.Unlock()
 	select {
 	case r.kick <- struct{}{}:
@@ -181,7 +231,7 @@ func (r *Reconciler) Healthy() error {
 	return nil
 }
 
-// Reconcile runs one pass. full forces an lbmap Sync (the first pass is
+// Reconcile runs one pass. full forces a full pass (the first pass is
 // always full). The error is ErrNotSynced or a failure to read the state;
 // write failures are in Stats (Errors, Err) and do not fail the pass.
 func (r *Reconciler) Reconcile(full bool) (Stats, error) {
@@ -191,37 +241,111 @@ func (r *Reconciler) Reconcile(full bool) (Stats, error) {
 	if !r.cfg.Source.Synced() {
 		return Stats{}, ErrNotSynced
 	}
-	snap, err := r.cfg.Source.Snapshot()
-	if err != nil {
-		r.countErr(err)
-		return Stats{}, err
-	}
-	res := model.Build(snap.Services, snap.EndpointSlices, r.cfg.NodeName, r.cfg.Model)
-	st := Stats{Full: full || r.applied == nil}
-	st.NewWarnings = r.report(res.Warnings)
-	desired := res.Services()
-	mode := "incremental"
-	if st.Full {
-		mode = "full"
-		r.full(desired, &st)
+	inc, isInc := r.cfg.Source.(IncrementalSource)
+	st := Stats{Full: full || r.applied == nil, Mode: "incremental"}
+	var delta model.Delta
+	if st.Full || !isInc || r.rebuild {
+		st.Mode = "rebuild"
+		if st.Full {
+			st.Mode = "full"
+		}
+		// Changes marked from here on are read again by the next pass.
+		r.rebuild = true
+		if isInc {
+			inc.TakeDirty()
+		}
+		snap, err := r.cfg.Source.Snapshot()
+		if err != nil {
+			r.countErr(err)
+			return Stats{}, err
+		}
+		delta = r.index.Reset(snap.Services, snap.EndpointSlices, r.cfg.NodeName, r.cfg.Model)
+		r.rebuild = false
+		desired := r.index.Services()
+		if st.Full {
+			r.full(desired, &st)
+		} else {
+			r.diff(desired, &st)
+		}
 	} else {
-		r.incremental(desired, &st)
+		keys := inc.TakeDirty()
+		in := make([]model.ServiceInput, 0, len(keys))
+		for _, k := range keys {
+			svc, sl, err := inc.Service(k)
+			if err != nil {
+				r.rebuild = true // the taken keys are lost: rebuild next time
+				r.countErr(err)
+				return Stats{}, err
+			}
+			in = append(in, model.ServiceInput{Key: k, Service: svc, Slices: sl})
+		}
+		st.Dirty = len(in)
+		delta = r.index.Update(in)
+		r.apply(delta, &st)
 	}
+	st.NewWarnings = r.report(delta.NewWarnings)
 	st.Services = len(r.applied)
-	st.Backends = distinctBackends(r.applied)
-	if r.cfg.OnResult != nil {
-		r.cfg.OnResult(res)
+	st.Backends = len(r.backendRefs)
+	if r.cfg.OnHealthChecks != nil {
+		r.cfg.OnHealthChecks(r.index.HealthChecks())
 	}
 	st.Duration = time.Since(t0)
 	r.passes.Add(1)
 	if m := r.cfg.Metrics; m != nil {
-		m.SyncDuration.WithLabelValues(mode).Observe(st.Duration.Seconds())
+		m.SyncDuration.WithLabelValues(st.Mode).Observe(st.Duration.Seconds())
 		m.Services.Set(float64(st.Services))
 		m.Backends.Set(float64(st.Backends))
-		m.Warnings.Set(float64(len(res.Warnings)))
+		m.Warnings.Set(float64(r.index.WarningCount()))
 		m.LastSync.Set(float64(time.Now().UnixNano()) / 1e9)
 	}
 	return st, nil
+}
+
+// setApplied and unsetApplied keep applied and backendRefs in step.
+func (r *Reconciler) setApplied(s lbmap.Service) {
+	k := key(s.Frontend)
+	if old, ok := r.applied[k]; ok {
+		r.unrefBackends(old)
+	}
+	r.applied[k] = s
+	for _, b := range distinctOf(s.Backends) {
+		r.backendRefs[b]++
+	}
+}
+
+func (r *Reconciler) unsetApplied(fe lbmap.Frontend) {
+	k := key(fe)
+	if old, ok := r.applied[k]; ok {
+		r.unrefBackends(old)
+		delete(r.applied, k)
+	}
+}
+
+func (r *Reconciler) unrefBackends(s lbmap.Service) {
+	for _, b := range distinctOf(s.Backends) {
+		if r.backendRefs[b]--; r.backendRefs[b] <= 0 {
+			delete(r.backendRefs, b)
+		}
+	}
+}
+
+func (r *Reconciler) resetApplied(n int) {
+	r.applied = make(map[lbmap.Frontend]lbmap.Service, n)
+	r.backendRefs = map[lbmap.Backend]int{}
+	clear(r.retry)
+}
+
+// distinctOf returns the backends without repeats, IPv4-mapped addresses
+// unmapped.
+func distinctOf(bs []lbmap.Backend) []lbmap.Backend {
+	out := make([]lbmap.Backend, 0, len(bs))
+	for _, b := range bs {
+		b.Addr = b.Addr.Unmap()
+		if !slices.Contains(out, b) {
+			out = append(out, b)
+		}
+	}
+	return out
 }
 
 // full makes the maps hold exactly desired.
@@ -232,15 +356,17 @@ func (r *Reconciler) full(desired []lbmap.Service, st *Stats) {
 	st.Upserts = len(desired)
 	err := r.maps.Sync(desired)
 	if err == nil {
-		r.applied = make(map[lbmap.Frontend]lbmap.Service, len(desired))
+		r.resetApplied(len(desired))
 		for _, s := range desired {
-			r.applied[key(s.Frontend)] = s
+			r.setApplied(s)
 		}
 		return
 	}
 	r.failed(st, "sync", err)
-	// Which Services made it is in the maps: start the diffs from there.
-	r.applied = map[lbmap.Frontend]lbmap.Service{}
+	// Which Services made it is in the maps: start from there, and compare
+	// everything on the next pass.
+	r.resetApplied(len(desired))
+	r.rebuild = true
 	dump, derr := r.maps.Dump()
 	if derr != nil {
 		r.failed(st, "dump", derr)
@@ -248,7 +374,7 @@ func (r *Reconciler) full(desired []lbmap.Service, st *Stats) {
 	}
 	for _, s := range dump {
 		s.RevNatID = 0
-		r.applied[key(s.Frontend)] = s
+		r.setApplied(s)
 	}
 }
 
@@ -280,9 +406,10 @@ func (r *Reconciler) checkDrift(st *Stats) {
 	r.maps = m
 }
 
-// incremental deletes the frontends that went, then upserts the changed ones
-// (deleting first frees room in the maps).
-func (r *Reconciler) incremental(desired []lbmap.Service, st *Stats) {
+// diff writes the difference between desired (the whole state) and what
+// was written: it deletes the frontends that went, then upserts the changed
+// ones (deleting first frees room in the maps).
+func (r *Reconciler) diff(desired []lbmap.Service, st *Stats) {
 	want := make(map[lbmap.Frontend]bool, len(desired))
 	for _, s := range desired {
 		want[key(s.Frontend)] = true
@@ -294,15 +421,58 @@ func (r *Reconciler) incremental(desired []lbmap.Service, st *Stats) {
 		}
 	}
 	slices.SortFunc(gone, lbmap.Frontend.Compare)
+	clear(r.retry) // everything is compared here
+	r.write(gone, desired, st)
+}
+
+// apply writes an incremental pass's Delta and retries the frontends whose
+// writes failed before.
+func (r *Reconciler) apply(d model.Delta, st *Stats) {
+	removed, set := d.Removed, d.Set
+	if len(r.retry) > 0 {
+		inDelta := make(map[lbmap.Frontend]bool, len(d.Removed)+len(d.Set))
+		for _, fe := range d.Removed {
+			inDelta[key(fe)] = true
+		}
+		for _, s := range d.Set {
+			inDelta[key(s.Frontend)] = true
+		}
+		removed, set = slices.Clone(removed), slices.Clone(set)
+		for fe := range r.retry {
+			if inDelta[fe] {
+				continue
+			}
+			if s, ok := r.index.Lookup(fe); ok {
+				set = append(set, s)
+			} else {
+				removed = append(removed, fe)
+			}
+		}
+		clear(r.retry)
+		slices.SortFunc(removed, lbmap.Frontend.Compare)
+		lbmap.SortServices(set)
+	}
+	r.write(removed, set, st)
+}
+
+// write deletes the frontends in gone that were written, then upserts the
+// Services in set that differ from what was written. Failures are kept for
+// a retry.
+func (r *Reconciler) write(gone []lbmap.Frontend, set []lbmap.Service, st *Stats) {
 	for _, fe := range gone {
+		fe = key(fe)
+		if _, ok := r.applied[fe]; !ok {
+			continue
+		}
 		st.Deletes++
 		if err := r.maps.Delete(fe); err != nil {
 			r.failed(st, "delete "+fe.String(), err)
+			r.retry[fe] = struct{}{}
 			continue // still there: retried
 		}
-		delete(r.applied, fe)
+		r.unsetApplied(fe)
 	}
-	for _, s := range desired {
+	for _, s := range set {
 		k := key(s.Frontend)
 		if cur, ok := r.applied[k]; ok && sameService(cur, s) {
 			continue
@@ -310,10 +480,11 @@ func (r *Reconciler) incremental(desired []lbmap.Service, st *Stats) {
 		st.Upserts++
 		if err := r.maps.Upsert(s); err != nil {
 			r.failed(st, "upsert "+s.Frontend.String(), err)
-			delete(r.applied, k) // unknown state: retried
+			r.unsetApplied(k) // unknown state: retried
+			r.retry[k] = struct{}{}
 			continue
 		}
-		r.applied[k] = s
+		r.setApplied(s)
 	}
 }
 
@@ -343,26 +514,18 @@ func (r *Reconciler) countErr(err error) {
 	}
 }
 
-// report hands new warnings to the Reporter and forgets the ones that went,
-// so a warning that comes back is reported again.
+// report hands new warnings to the Reporter (the Index says which are new:
+// a warning is reported once for as long as it persists, and again if it
+// comes back).
 func (r *Reconciler) report(ws []model.Warning) int {
-	now := make(map[string]bool, len(ws))
-	n := 0
 	for _, w := range ws {
-		k := w.Key()
-		now[k] = true
-		if r.reported[k] {
-			continue
-		}
-		n++
 		r.cfg.Log.Warn("service not fully supported", "service", w.Service.Namespace+"/"+w.Service.Name,
 			"reason", w.Reason, "message", w.Message)
 		if r.cfg.Reporter != nil {
 			r.cfg.Reporter.Warn(w)
 		}
 	}
-	r.reported = now
-	return n
+	return len(ws)
 }
 
 // Run waits for the informers, runs the first full pass, then a pass for
@@ -494,15 +657,4 @@ func sameState(dump []lbmap.Service, applied map[lbmap.Frontend]lbmap.Service) b
 		}
 	}
 	return true
-}
-
-func distinctBackends(applied map[lbmap.Frontend]lbmap.Service) int {
-	seen := map[lbmap.Backend]bool{}
-	for _, s := range applied {
-		for _, b := range s.Backends {
-			b.Addr = b.Addr.Unmap()
-			seen[b] = true
-		}
-	}
-	return len(seen)
 }

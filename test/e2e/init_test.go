@@ -31,12 +31,6 @@ import (
 // tags it 2.53 as well as its own 2.56).
 const verifyImage = labinit.VerifyImage
 
-// agentHasNodePort says whether kpfree-agent serves NodePort Services yet.
-// Until it does (cmd/kpfree-agent: --devices and --nodeport-range are
-// "accepted and ignored"), the nodeport check is expected to fail and is
-// reported, not enforced. Flip it when NodePort lands.
-const agentHasNodePort = false
-
 // TestE2EInit: kpfree init on a two-node lab from `lab up --kubernetes`
 // builds a Ready cluster without kube-proxy, verify passes (ClusterIP and
 // NodePort from both nodes, answered by pods on both nodes), a second init
@@ -87,7 +81,7 @@ func TestE2EInit(t *testing.T) {
 		t.Fatalf("kpfree init exited %d without verifying:\n%s", code, stderr)
 	}
 	checkReport(t, "init", *res.Verify, nil)
-	if code != 0 && !(len(res.Verify.Failed()) == 1 && !agentHasNodePort && res.Verify.Failed()[0].Name == verify.CheckNodePort) {
+	if code != 0 {
 		t.Errorf("kpfree init exited %d:\n%s", code, stderr)
 	}
 	if fi, err := os.Stat(kubeconfig); err != nil || fi.Mode().Perm() != 0o600 {
@@ -237,8 +231,6 @@ func checkReport(t *testing.T, what string, rep verify.Report, fails map[string]
 				}
 			}
 		case contains(may, c.Name):
-		case c.Name == verify.CheckNodePort && !agentHasNodePort && c.Status == verify.Fail:
-			t.Logf("KNOWN GAP: %s fails: kpfree-agent does not serve NodePort yet", c.Name)
 		case c.Status != verify.Pass:
 			t.Errorf("%s: %s: %s: %s\n  %s", what, c.Name, c.Status, c.Evidence, strings.Join(c.Details, "\n  "))
 		}
