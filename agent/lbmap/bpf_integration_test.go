@@ -302,3 +302,49 @@ func TestIntegrationDevicesStatsConntrack(t *testing.T) {
 		t.Fatalf("conntrack:\n%s\nwant:\n%s", got, want)
 	}
 }
+
+// Batched reads (iterate's fast path) return what entry-by-entry iteration
+// does, across several batches, and do not fall back on this kernel.
+func TestIntegrationBatchedReads(t *testing.T) {
+	m := bpfMaps(t, bpf.MapSizes{Services: 32768})
+	for i := range 10000 {
+		k := bpf.SvcKey{Port: uint16(i), Proto: 6}
+		k.Addr[3] = uint32(i)
+		if err := m.Services.Put(&k, &bpf.SvcVal{BackendId: uint32(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, rn := range []uint32{1, 7} {
+		v := bpf.MaglevVal{}
+		v.BackendId[0] = rn
+		if err := m.Maglev.Put(&rn, &v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ks, vs, err := readBatches[bpf.SvcKey, bpf.SvcVal](m.Services)
+	if err != nil {
+		t.Fatalf("batched read failed (kernel >= 5.6 has it): %v", err)
+	}
+	want := map[bpf.SvcKey]bpf.SvcVal{}
+	var k bpf.SvcKey
+	var v bpf.SvcVal
+	it := m.Services.Iterate()
+	for it.Next(&k, &v) {
+		want[k] = v
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if len(ks) != 10000 || len(want) != 10000 {
+		t.Fatalf("batched read %d entries, iteration %d; want 10000", len(ks), len(want))
+	}
+	for i := range ks {
+		if want[ks[i]] != vs[i] {
+			t.Fatalf("entry %v: batched %v, iterated %v", ks[i], vs[i], want[ks[i]])
+		}
+	}
+	mk, mv, err := readBatches[uint32, bpf.MaglevVal](m.Maglev)
+	if err != nil || len(mk) != 2 || mv[0].BackendId[0] != mk[0] || mv[1].BackendId[0] != mk[1] {
+		t.Fatalf("maglev batched read: %v %v", mk, err)
+	}
+}

@@ -5,7 +5,9 @@
 //
 // It is pure: no clients, no clock, no I/O. Identical input gives identical
 // output, so the reconciler can diff it against the maps and the golden
-// tests can pin it down.
+// tests can pin it down. [Build] computes the whole state; an [Index] keeps
+// the same result up to date one changed Service at a time (a test checks
+// that both agree over random sequences of changes).
 //
 // Frontends have a [Kind]: ClusterIP, NodePort (on each node address, and
 // 127.0.0.1 for the socket load balancer only), ExternalIP and LoadBalancer
@@ -177,22 +179,11 @@ func UsableSlice(es *discoveryv1.EndpointSlice) bool {
 
 // Build computes the desired state from the Services and EndpointSlices of
 // the cluster (as listed by the informers; they are not modified).
+//
+// It is the reference: [Index] computes the same Result incrementally.
 func Build(svcs []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, nodeName string, o Options) Result {
 	o.NodeName = nodeName
-	bySvc := map[types.NamespacedName][]*discoveryv1.EndpointSlice{}
-	for _, es := range endpointSlices {
-		if es == nil || !UsableSlice(es) {
-			continue
-		}
-		k := types.NamespacedName{Namespace: es.Namespace, Name: es.Labels[discoveryv1.LabelServiceName]}
-		bySvc[k] = append(bySvc[k], es)
-	}
-	for _, l := range bySvc {
-		// Slice order decides ties between duplicate endpoints: make it
-		// independent of the informer's.
-		slices.SortFunc(l, func(a, b *discoveryv1.EndpointSlice) int { return cmp.Compare(a.Name, b.Name) })
-	}
-
+	bySvc := slicesByService(endpointSlices)
 	sorted := make([]*corev1.Service, 0, len(svcs))
 	for _, s := range svcs {
 		if s != nil {
@@ -209,41 +200,133 @@ func Build(svcs []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, 
 		if ok, _ := Managed(svc, o); !ok {
 			continue
 		}
-		b := newBuilder(svc, o, bySvc[types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}])
-		// A frontend's entries (internal and external scope) go in together
-		// or not at all: Services are taken in name order, the first one
-		// to claim a frontend keeps it.
-	group:
-		for _, g := range b.entries() {
-			for _, e := range g {
-				if prev, taken := owner[e.LB.Frontend]; taken {
-					b.warn(ReasonFrontendConflict, "%s %s is already served for Service %s; ignored here", e.Kind, e.LB.Frontend, prev)
-					continue group
-				}
-			}
-			for _, e := range g {
-				owner[e.LB.Frontend] = e.Service
-				res.Entries = append(res.Entries, e)
-			}
+		sb := buildService(svc, o, bySvc[types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}])
+		sb.resolve(owner)
+		res.Entries = sb.appendAccepted(res.Entries)
+		if sb.hc != nil {
+			res.HealthChecks = append(res.HealthChecks, *sb.hc)
 		}
-		if hc, ok := b.healthCheck(); ok {
-			res.HealthChecks = append(res.HealthChecks, hc)
-		}
-		res.Warnings = append(res.Warnings, b.warnings...)
+		res.Warnings = append(res.Warnings, sb.warnings...)
+		res.Warnings = append(res.Warnings, sb.conflicts...)
 	}
 	slices.SortFunc(res.Entries, func(a, b Entry) int { return a.LB.Frontend.Compare(b.LB.Frontend) })
-	slices.SortStableFunc(res.Warnings, func(a, b Warning) int {
+	sortWarnings(res.Warnings)
+	res.Warnings = slices.CompactFunc(res.Warnings, func(a, b Warning) bool { return a.Key() == b.Key() })
+	sortHealthChecks(res.HealthChecks)
+	return res
+}
+
+func sortWarnings(ws []Warning) {
+	slices.SortStableFunc(ws, func(a, b Warning) int {
 		return cmp.Or(
 			cmp.Compare(a.Service.Namespace, b.Service.Namespace),
 			cmp.Compare(a.Service.Name, b.Service.Name),
 			cmp.Compare(a.Reason, b.Reason),
 			cmp.Compare(a.Message, b.Message))
 	})
-	res.Warnings = slices.CompactFunc(res.Warnings, func(a, b Warning) bool { return a.Key() == b.Key() })
-	slices.SortFunc(res.HealthChecks, func(a, b HealthCheck) int {
+}
+
+func sortHealthChecks(hcs []HealthCheck) {
+	slices.SortFunc(hcs, func(a, b HealthCheck) int {
 		return cmp.Or(cmp.Compare(a.Service.Namespace, b.Service.Namespace), cmp.Compare(a.Service.Name, b.Service.Name))
 	})
-	return res
+}
+
+// slicesByService groups the usable slices by Service, each group sorted by
+// slice name.
+func slicesByService(endpointSlices []*discoveryv1.EndpointSlice) map[types.NamespacedName][]*discoveryv1.EndpointSlice {
+	bySvc := make(map[types.NamespacedName][]*discoveryv1.EndpointSlice, len(endpointSlices))
+	for _, es := range endpointSlices {
+		if es == nil || !UsableSlice(es) {
+			continue
+		}
+		k := types.NamespacedName{Namespace: es.Namespace, Name: es.Labels[discoveryv1.LabelServiceName]}
+		bySvc[k] = append(bySvc[k], es)
+	}
+	for _, l := range bySvc {
+		if len(l) > 1 {
+			sortSlices(l)
+		}
+	}
+	return bySvc
+}
+
+// sortSlices orders a Service's slices by name: slice order decides ties
+// between duplicate endpoints, so make it independent of the informer's.
+func sortSlices(l []*discoveryv1.EndpointSlice) {
+	slices.SortFunc(l, func(a, b *discoveryv1.EndpointSlice) int { return cmp.Compare(a.Name, b.Name) })
+}
+
+// serviceBuild is the model of one Service on its own: its frontend groups
+// before conflicts with other Services are resolved, its own warnings and its
+// health check; resolve then decides which groups it keeps. An Index keeps
+// one per Service, so it is kept small.
+type serviceBuild struct {
+	name      types.NamespacedName
+	uid       types.UID
+	gen       int64
+	groups    []group
+	warnings  []Warning // its own, conflicts aside
+	conflicts []Warning // ReasonFrontendConflict, set by resolve
+	hc        *HealthCheck
+}
+
+// group is a frontend's entries (internal and external scope), programmed
+// together or not at all.
+type group struct {
+	entries  []Entry
+	accepted bool // set by resolve
+}
+
+func buildService(svc *corev1.Service, o Options, sl []*discoveryv1.EndpointSlice) *serviceBuild {
+	b := newBuilder(svc, o, sl)
+	sb := &serviceBuild{name: b.name, uid: svc.UID, gen: svc.Generation}
+	gs := b.entries()
+	sb.groups = make([]group, len(gs))
+	for i, g := range gs {
+		sb.groups[i].entries = g
+	}
+	if hc, ok := b.healthCheck(); ok {
+		sb.hc = &hc
+	}
+	sb.warnings = b.warnings
+	return sb
+}
+
+// resolve decides the Service's groups against the frontends already taken
+// (by Services before it in name order, and by its own earlier groups): a
+// group goes in only if none of its frontends is taken. It records the
+// frontends it takes in owner.
+func (sb *serviceBuild) resolve(owner map[lbmap.Frontend]types.NamespacedName) {
+	sb.conflicts = nil
+group:
+	for gi := range sb.groups {
+		g := &sb.groups[gi]
+		g.accepted = false
+		for _, e := range g.entries {
+			if prev, taken := owner[e.LB.Frontend]; taken {
+				sb.conflicts = append(sb.conflicts, Warning{
+					Service: corev1.ObjectReference{Kind: "Service", APIVersion: "v1",
+						Namespace: sb.name.Namespace, Name: sb.name.Name, UID: sb.uid},
+					Generation: sb.gen, Reason: ReasonFrontendConflict,
+					Message: fmt.Sprintf("%s %s is already served for Service %s; ignored here", e.Kind, e.LB.Frontend, prev)})
+				continue group
+			}
+		}
+		for _, e := range g.entries {
+			owner[e.LB.Frontend] = e.Service
+		}
+		g.accepted = true
+	}
+}
+
+func (sb *serviceBuild) appendAccepted(out []Entry) []Entry {
+	for _, g := range sb.groups {
+		if g.accepted {
+			out = append(out, g.entries...)
+		}
+	}
+	return out
 }
 
 // builder computes the entries of one Service.
@@ -253,11 +336,34 @@ type builder struct {
 	slices   []*discoveryv1.EndpointSlice
 	warnings []Warning
 
-	families map[bool]bool           // address families of the ClusterIPs (true: IPv4)
-	cands    map[candKey][]candidate // candidates, computed once per port and family
+	families familySet               // address families of the ClusterIPs
+	cands    []candList              // candidates, computed once per port and family (few: a list)
 	ranges   map[bool][]netip.Prefix // valid loadBalancerSourceRanges by family
 	affinity time.Duration           // ClientIP affinity timeout, 0: none
 	name     types.NamespacedName
+}
+
+// familySet is a set of address families.
+type familySet struct{ v4, v6 bool }
+
+func (f *familySet) add(is4 bool) {
+	if is4 {
+		f.v4 = true
+	} else {
+		f.v6 = true
+	}
+}
+
+func (f familySet) has(is4 bool) bool {
+	if is4 {
+		return f.v4
+	}
+	return f.v6
+}
+
+type candList struct {
+	key   candKey
+	cands []candidate
 }
 
 type candKey struct {
@@ -269,7 +375,6 @@ type candKey struct {
 func newBuilder(svc *corev1.Service, o Options, sl []*discoveryv1.EndpointSlice) *builder {
 	b := &builder{
 		svc: svc, opts: o, slices: sl,
-		families: map[bool]bool{}, cands: map[candKey][]candidate{},
 		name: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name},
 	}
 	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
@@ -280,7 +385,7 @@ func newBuilder(svc *corev1.Service, o Options, sl []*discoveryv1.EndpointSlice)
 		b.affinity = time.Duration(secs) * time.Second
 	}
 	for _, a := range b.clusterIPs() {
-		b.families[a.Is4()] = true
+		b.families.add(a.Is4())
 	}
 	b.ranges = b.sourceRanges()
 	return b
@@ -300,11 +405,13 @@ func (b *builder) warn(reason, format string, a ...any) {
 
 func (b *builder) candidatesFor(portName string, proto corev1.Protocol, is4 bool) []candidate {
 	k := candKey{portName, proto, is4}
-	c, ok := b.cands[k]
-	if !ok {
-		c = b.candidates(portName, proto, is4)
-		b.cands[k] = c
+	for _, l := range b.cands {
+		if l.key == k {
+			return l.cands
+		}
 	}
+	c := b.candidates(portName, proto, is4)
+	b.cands = append(b.cands, candList{k, c})
 	return c
 }
 
@@ -348,7 +455,7 @@ func (b *builder) sourceRanges() map[bool][]netip.Prefix {
 			p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
 		}
 		is4 := p.Addr().Is4()
-		if !b.families[is4] {
+		if !b.families.has(is4) {
 			b.warn(ReasonInvalidSourceRange, "loadBalancerSourceRanges: %s is of an address family the Service does not have; ignored", r)
 			continue
 		}
@@ -387,7 +494,7 @@ func (b *builder) parseFrontendIP(reason, what, ip string) (netip.Addr, bool) {
 		return netip.Addr{}, false
 	}
 	a = a.Unmap()
-	if !b.families[a.Is4()] {
+	if !b.families.has(a.Is4()) {
 		b.warn(reason, "%s %s is of an address family the Service has no ClusterIP of; ignored", what, a)
 		return netip.Addr{}, false
 	}
@@ -405,13 +512,13 @@ func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
 	itpLocal := b.svc.Spec.InternalTrafficPolicy != nil && *b.svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
 	etpLocal := b.externalPolicyLocal()
 	var out []frontendAddr
-	seen := map[netip.AddrPort]bool{}
 	add := func(fa frontendAddr) {
-		k := netip.AddrPortFrom(fa.addr, fa.port)
-		if !seen[k] {
-			seen[k] = true
-			out = append(out, fa)
+		for _, o := range out {
+			if o.addr == fa.addr && o.port == fa.port {
+				return
+			}
 		}
+		out = append(out, fa)
 	}
 	for _, ip := range ips {
 		if ip == "" || ip == corev1.ClusterIPNone {
@@ -430,7 +537,7 @@ func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
 		np := uint16(sp.NodePort)
 		for _, a := range b.opts.NodeAddrs {
 			a = a.Unmap()
-			if !a.IsValid() || a.Zone() != "" || !b.families[a.Is4()] {
+			if !a.IsValid() || a.Zone() != "" || !b.families.has(a.Is4()) {
 				continue
 			}
 			if a.IsLoopback() {
@@ -438,7 +545,7 @@ func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
 			}
 			add(frontendAddr{kind: KindNodePort, addr: a, port: np, external: true, externalLocal: etpLocal})
 		}
-		if b.opts.LoopbackNodePort && b.families[true] {
+		if b.opts.LoopbackNodePort && b.families.has(true) {
 			// Reached only through the socket load balancer, from this node:
 			// kube-proxy sends local clients to all endpoints.
 			add(frontendAddr{kind: KindNodePort, addr: netip.AddrFrom4([4]byte{127, 0, 0, 1}), port: np})
@@ -545,7 +652,10 @@ func (b *builder) healthCheck() (HealthCheck, bool) {
 		if proto != corev1.ProtocolTCP && proto != corev1.ProtocolUDP {
 			continue
 		}
-		for is4 := range b.families {
+		for _, is4 := range []bool{true, false} {
+			if !b.families.has(is4) {
+				continue
+			}
 			for _, c := range b.candidatesFor(sp.Name, proto, is4) {
 				if c.ready && b.isLocal(c) {
 					ready[c.be.Addr] = true

@@ -35,10 +35,58 @@ type fakeSource struct {
 	svcs   map[string]*corev1.Service
 	slices map[string]*discoveryv1.EndpointSlice
 	ch     chan struct{}
+	// inc: source() returns an IncrementalSource over it; dirty holds the
+	// names changed since TakeDirty.
+	inc   bool
+	dirty map[string]bool
+}
+
+// incSource is a fakeSource that tells which Services changed, as
+// watch.Watcher does.
+type incSource struct{ *fakeSource }
+
+func (f incSource) TakeDirty() []types.NamespacedName {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []types.NamespacedName
+	for n := range f.dirty {
+		out = append(out, types.NamespacedName{Namespace: "default", Name: n})
+	}
+	clear(f.dirty)
+	return out
+}
+
+func (f incSource) Service(k types.NamespacedName) (*corev1.Service, []*discoveryv1.EndpointSlice, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fail != nil {
+		return nil, nil, f.fail
+	}
+	var sl []*discoveryv1.EndpointSlice
+	if es := f.slices[k.Name]; es != nil {
+		sl = append(sl, es)
+	}
+	return f.svcs[k.Name], sl, nil
+}
+
+// source is the Source to give the Reconciler: incremental or not.
+func (f *fakeSource) source() reconcile.Source {
+	if f.inc {
+		return incSource{f}
+	}
+	return f
+}
+
+// bothModes runs a test over a plain Source (every pass rebuilds the
+// model) and over an IncrementalSource.
+func bothModes(t *testing.T, test func(t *testing.T, inc bool)) {
+	t.Run("snapshot", func(t *testing.T) { test(t, false) })
+	t.Run("incremental", func(t *testing.T) { test(t, true) })
 }
 
 func newSource() *fakeSource {
-	return &fakeSource{svcs: map[string]*corev1.Service{}, slices: map[string]*discoveryv1.EndpointSlice{}, ch: make(chan struct{}, 1)}
+	return &fakeSource{svcs: map[string]*corev1.Service{}, slices: map[string]*discoveryv1.EndpointSlice{}, ch: make(chan struct{}, 1),
+		dirty: map[string]bool{}}
 }
 
 func (f *fakeSource) Synced() bool {
@@ -99,6 +147,7 @@ func (f *fakeSource) put(name, vip string, port int32, target int32, eps ...stri
 		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{e}})
 	}
 	f.slices[name] = es
+	f.dirty[name] = true
 	f.signalLocked()
 }
 
@@ -114,6 +163,7 @@ func (f *fakeSource) remove(name string) {
 	defer f.mu.Unlock()
 	delete(f.svcs, name)
 	delete(f.slices, name)
+	f.dirty[name] = true
 	f.signalLocked()
 }
 
@@ -123,6 +173,7 @@ func (f *fakeSource) mutate(name string, fn func(*corev1.Service)) {
 	s := f.svcs[name].DeepCopy()
 	fn(s)
 	f.svcs[name] = s
+	f.dirty[name] = true
 	f.signalLocked()
 }
 
@@ -155,7 +206,9 @@ func mustReconcile(t *testing.T, r *reconcile.Reconciler, full bool) reconcile.S
 // A restarted agent finds the pinned maps full of Services (lbmap.New
 // restored them). Until the informers have synced it must write nothing: an
 // empty or partial cache would otherwise delete live Services.
-func TestNoPruneBeforeSync(t *testing.T) {
+func TestNoPruneBeforeSync(t *testing.T) { bothModes(t, testNoPruneBeforeSync) }
+
+func testNoPruneBeforeSync(t *testing.T, inc bool) {
 	fake := lbmap.NewFake(lbmap.Capacity{})
 	for _, s := range []lbmap.Service{tcp("10.96.0.1", 80, "10.244.0.1"), tcp("10.96.0.2", 80, "10.244.0.2")} {
 		if err := fake.Upsert(s); err != nil {
@@ -165,7 +218,7 @@ func TestNoPruneBeforeSync(t *testing.T) {
 	before, writes := dump(t, fake), fake.Writes()
 
 	src := newSource() // not synced, nothing listed yet
-	r := reconcile.New(reconcile.Config{Maps: fake, Source: src, MinInterval: time.Millisecond})
+	r := reconcile.New(reconcile.Config{Maps: fake, Source: src.source(), MinInterval: time.Millisecond})
 	if _, err := r.Reconcile(true); !errors.Is(err, reconcile.ErrNotSynced) {
 		t.Fatalf("Reconcile before sync: %v, want ErrNotSynced", err)
 	}
@@ -194,13 +247,16 @@ func TestNoPruneBeforeSync(t *testing.T) {
 }
 
 // A second pass over the same state writes nothing, full or incremental.
-func TestIdempotent(t *testing.T) {
+func TestIdempotent(t *testing.T) { bothModes(t, testIdempotent) }
+
+func testIdempotent(t *testing.T, inc bool) {
 	fake := lbmap.NewFake(lbmap.Capacity{})
 	src := newSource()
+	src.inc = inc
 	src.synced = true
 	src.put("a", "10.96.0.1", 80, 8080, "10.244.0.2", "10.244.0.1")
 	src.put("b", "10.96.0.2", 53, 5353, "10.244.0.1")
-	r := reconcile.New(reconcile.Config{Maps: fake, Source: src})
+	r := reconcile.New(reconcile.Config{Maps: fake, Source: src.source()})
 
 	st := mustReconcile(t, r, false)
 	if !st.Full || st.Services != 2 || st.Backends != 3 || st.Errors != 0 {
@@ -242,10 +298,13 @@ func TestIdempotent(t *testing.T) {
 
 // A full map is counted and logged, the other Services are programmed, the
 // loop goes on, and the refused Service goes in once there is room.
-func TestMapFull(t *testing.T) {
+func TestMapFull(t *testing.T) { bothModes(t, testMapFull) }
+
+func testMapFull(t *testing.T, inc bool) {
 	// Room for two one-backend Services (master + slot each).
 	fake := lbmap.NewFake(lbmap.Capacity{Services: 4})
 	src := newSource()
+	src.inc = inc
 	src.synced = true
 	src.put("a", "10.96.0.1", 80, 8080, "10.244.0.1")
 	src.put("b", "10.96.0.2", 80, 8080, "10.244.0.2")
@@ -253,7 +312,7 @@ func TestMapFull(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	metrics := reconcile.NewMetrics(reg)
 	var logs strings.Builder
-	r := reconcile.New(reconcile.Config{Maps: fake, Source: src, Metrics: metrics, Log: testLogger(&logs)})
+	r := reconcile.New(reconcile.Config{Maps: fake, Source: src.source(), Metrics: metrics, Log: testLogger(&logs)})
 
 	st := mustReconcile(t, r, false)
 	if st.MapFull != 1 || st.Errors != 1 || !errors.Is(st.Err, lbmap.ErrMapFull) || st.Services != 2 {
@@ -289,12 +348,15 @@ func TestMapFull(t *testing.T) {
 }
 
 // A failed write (any kernel error) is retried on the next pass.
-func TestWriteErrorRetried(t *testing.T) {
+func TestWriteErrorRetried(t *testing.T) { bothModes(t, testWriteErrorRetried) }
+
+func testWriteErrorRetried(t *testing.T, inc bool) {
 	fake := lbmap.NewFake(lbmap.Capacity{})
 	src := newSource()
+	src.inc = inc
 	src.synced = true
 	src.put("a", "10.96.0.1", 80, 8080, "10.244.0.1")
-	r := reconcile.New(reconcile.Config{Maps: fake, Source: src})
+	r := reconcile.New(reconcile.Config{Maps: fake, Source: src.source()})
 	mustReconcile(t, r, false)
 
 	src.put("a", "10.96.0.1", 80, 8080, "10.244.0.1", "10.244.0.2")
@@ -317,8 +379,11 @@ func TestWriteErrorRetried(t *testing.T) {
 
 // Warnings are reported once per Service generation, and again when they
 // come back after going away.
-func TestWarningsOnce(t *testing.T) {
+func TestWarningsOnce(t *testing.T) { bothModes(t, testWarningsOnce) }
+
+func testWarningsOnce(t *testing.T, inc bool) {
 	src := newSource()
+	src.inc = inc
 	src.synced = true
 	src.put("sig", "10.96.0.1", 80, 8080, "10.244.0.1")
 	addSCTP := func(s *corev1.Service) {
@@ -327,7 +392,7 @@ func TestWarningsOnce(t *testing.T) {
 	}
 	src.mutate("sig", addSCTP)
 	var got []model.Warning
-	r := reconcile.New(reconcile.Config{Maps: lbmap.NewFake(lbmap.Capacity{}), Source: src,
+	r := reconcile.New(reconcile.Config{Maps: lbmap.NewFake(lbmap.Capacity{}), Source: src.source(),
 		Reporter: reconcile.ReporterFunc(func(w model.Warning) { got = append(got, w) })})
 	for range 3 {
 		mustReconcile(t, r, false)
@@ -366,15 +431,18 @@ func (d *drifting) Dump() ([]lbmap.Service, error) {
 
 // A periodic full pass that finds the maps changed behind the agent's back
 // reloads the bookkeeping from the maps and repairs them.
-func TestDriftRepaired(t *testing.T) {
+func TestDriftRepaired(t *testing.T) { bothModes(t, testDriftRepaired) }
+
+func testDriftRepaired(t *testing.T, inc bool) {
 	src := newSource()
+	src.inc = inc
 	src.synced = true
 	src.put("a", "10.96.0.1", 80, 8080, "10.244.0.1")
 	d := &drifting{Maps: lbmap.NewFake(lbmap.Capacity{})}
 	reloaded := lbmap.NewFake(lbmap.Capacity{}) // "what the maps really hold": empty
 	reg := prometheus.NewRegistry()
 	metrics := reconcile.NewMetrics(reg)
-	r := reconcile.New(reconcile.Config{Maps: d, Source: src, Metrics: metrics,
+	r := reconcile.New(reconcile.Config{Maps: d, Source: src.source(), Metrics: metrics,
 		Reload: func() (lbmap.Maps, error) { return reloaded, nil }})
 	mustReconcile(t, r, true)
 	if st := mustReconcile(t, r, true); st.Drift {
@@ -392,11 +460,14 @@ func TestDriftRepaired(t *testing.T) {
 
 // The loop batches bursts of changes (at most one pass per MinInterval) and
 // follows a change within MinInterval plus the pass.
-func TestRunBatchesChanges(t *testing.T) {
+func TestRunBatchesChanges(t *testing.T) { bothModes(t, testRunBatchesChanges) }
+
+func testRunBatchesChanges(t *testing.T, inc bool) {
 	fake := lbmap.NewFake(lbmap.Capacity{})
 	src := newSource()
+	src.inc = inc
 	src.synced = true
-	r := reconcile.New(reconcile.Config{Maps: fake, Source: src, MinInterval: 50 * time.Millisecond})
+	r := reconcile.New(reconcile.Config{Maps: fake, Source: src.source(), MinInterval: 50 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() { _ = r.Run(ctx, src.ch) }()
@@ -448,11 +519,14 @@ func testLogger(w io.Writer) *slog.Logger {
 
 // A pass that cannot read the state is retried with backoff, not in a busy
 // loop, and the agent becomes ready once it can.
-func TestRunBacksOffOnFailedPass(t *testing.T) {
+func TestRunBacksOffOnFailedPass(t *testing.T) { bothModes(t, testRunBacksOffOnFailedPass) }
+
+func testRunBacksOffOnFailedPass(t *testing.T, inc bool) {
 	src := newSource()
+	src.inc = inc
 	src.synced = true
 	src.fail = errors.New("cache broken")
-	r := reconcile.New(reconcile.Config{Maps: lbmap.NewFake(lbmap.Capacity{}), Source: src, RetryInterval: 50 * time.Millisecond})
+	r := reconcile.New(reconcile.Config{Maps: lbmap.NewFake(lbmap.Capacity{}), Source: src.source(), RetryInterval: 50 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() { _ = r.Run(ctx, src.ch) }()
@@ -469,4 +543,77 @@ func TestRunBacksOffOnFailedPass(t *testing.T) {
 		t.Fatal("ready without a pass")
 	}
 	waitFor(t, 2*time.Second, r.Ready)
+}
+
+// With an IncrementalSource, a pass after the first rebuilds only the
+// Services marked dirty; an option change or a failed read makes the next
+// pass rebuild everything, and the maps always end up as the model says.
+func TestIncrementalPassesTouchOnlyDirty(t *testing.T) {
+	fake := lbmap.NewFake(lbmap.Capacity{})
+	src := newSource()
+	src.synced, src.inc = true, true
+	for i := range 50 {
+		src.put("s"+strconv.Itoa(i), "10.96.1."+strconv.Itoa(i), 80, 8080, "10.244.0.1")
+	}
+	r := reconcile.New(reconcile.Config{Maps: fake, Source: src.source()})
+	if st := mustReconcile(t, r, false); st.Mode != "full" || st.Services != 50 {
+		t.Fatalf("first pass: %+v", st)
+	}
+	if st := mustReconcile(t, r, false); st.Mode != "incremental" || st.Dirty != 0 || st.Upserts+st.Deletes != 0 {
+		t.Fatalf("pass without changes: %+v", st)
+	}
+	src.put("s7", "10.96.1.7", 80, 8080, "10.244.0.1", "10.244.0.2")
+	src.remove("s8")
+	src.put("new", "10.96.2.1", 80, 8080, "10.244.0.3")
+	st := mustReconcile(t, r, false)
+	if st.Mode != "incremental" || st.Dirty != 3 || st.Upserts != 2 || st.Deletes != 1 || st.Services != 50 || st.Backends != 3 {
+		t.Fatalf("three changes: %+v", st)
+	}
+
+	// A frontend conflict resolved by a deletion: "s9" takes over the
+	// ClusterIP that "s10" held, although only "s10" changed.
+	src.put("s9", "10.96.1.10", 80, 8080, "10.244.0.9")
+	st = mustReconcile(t, r, false)
+	if st.Upserts != 0 || st.Deletes != 1 || st.NewWarnings != 1 { // s9's old ClusterIP goes
+		t.Fatalf("conflicting change: %+v", st)
+	}
+	src.remove("s10")
+	st = mustReconcile(t, r, false)
+	if st.Dirty != 1 || st.Upserts != 1 || st.Deletes != 0 {
+		t.Fatalf("conflict winner removed: %+v", st)
+	}
+	if d := dump(t, fake); !strings.Contains(d, "SVC 10.96.1.10:80/TCP -> 10.244.0.9:8080\n") {
+		t.Fatalf("s9 does not serve 10.96.1.10 after s10 went:\n%s", d)
+	}
+
+	r.SetNodeAddrs([]netip.Addr{netip.MustParseAddr("192.168.0.1")})
+	if st := mustReconcile(t, r, false); st.Mode != "rebuild" || st.Upserts+st.Deletes != 0 {
+		t.Fatalf("after SetNodeAddrs: %+v", st)
+	}
+
+	src.put("s11", "10.96.1.11", 80, 8080)
+	src.mu.Lock()
+	src.fail = errors.New("cache gone")
+	src.mu.Unlock()
+	if _, err := r.Reconcile(false); err == nil {
+		t.Fatal("a failed read did not fail the pass")
+	}
+	src.mu.Lock()
+	src.fail = nil
+	src.mu.Unlock()
+	if st := mustReconcile(t, r, false); st.Mode != "rebuild" || st.Upserts != 1 {
+		t.Fatalf("after a failed read (the dirty set is lost): %+v", st)
+	}
+
+	svcs, sl := func() ([]*corev1.Service, []*discoveryv1.EndpointSlice) {
+		s, _ := src.Snapshot()
+		return s.Services, s.EndpointSlices
+	}()
+	want := lbmap.Format(model.Build(svcs, sl, "", model.Options{}).Services())
+	if got := dump(t, fake); got != want {
+		t.Fatalf("maps:\n%s\nmodel:\n%s", got, want)
+	}
+	if err := fake.Verify(); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -1,7 +1,10 @@
 // Package watch follows the API server with client-go shared informers:
-// Services, EndpointSlices and this node's Node object. It keeps no state of
-// its own: every change raises one coalesced signal, and the reconciler reads
-// the current state from the listers when it gets to it.
+// Services, EndpointSlices and this node's Node object. Every change raises
+// one coalesced signal and marks the Service it concerns dirty (Services by
+// their key, EndpointSlices by their kubernetes.io/service-name label); the
+// reconciler takes the dirty set and reads those Services' current state from
+// the caches when it gets to it (TakeDirty, Service), or everything
+// (Snapshot).
 //
 // Selection follows kube-proxy: Services labelled
 // service.kubernetes.io/service-proxy-name (unless the value is our
@@ -15,13 +18,16 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/selection"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -61,6 +67,17 @@ type Watcher struct {
 	node      corelisters.NodeLister
 	synced    []cache.InformerSynced
 	changes   chan struct{}
+
+	mu    sync.Mutex
+	dirty map[types.NamespacedName]struct{}
+	// sliceNames are the names of each Service's EndpointSlices (a
+	// client-go Indexer does the same at three times the memory).
+	sliceNames map[types.NamespacedName][]string
+}
+
+func sliceServiceKey(es *discoveryv1.EndpointSlice) (types.NamespacedName, bool) {
+	name := es.Labels[discoveryv1.LabelServiceName]
+	return types.NamespacedName{Namespace: es.Namespace, Name: name}, name != ""
 }
 
 // LabelSelector is what the API server filters Services and EndpointSlices
@@ -80,7 +97,8 @@ func LabelSelector(proxyName string) labels.Selector {
 
 // New sets up the informers (nothing runs before Start).
 func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
-	w := &Watcher{opts: o, changes: make(chan struct{}, 1)}
+	w := &Watcher{opts: o, changes: make(chan struct{}, 1), dirty: map[types.NamespacedName]struct{}{},
+		sliceNames: map[types.NamespacedName][]string{}}
 	sel := LabelSelector(o.ProxyName).String()
 	// No informer resync: the reconciler resyncs the maps on its own
 	// schedule, and a relist brings nothing new.
@@ -91,7 +109,7 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 	eps := w.factory.Discovery().V1().EndpointSlices()
 	w.svcLister, w.esLister = svcs.Lister(), eps.Lister()
 	for _, inf := range []cache.SharedIndexInformer{svcs.Informer(), eps.Informer()} {
-		reg, err := inf.AddEventHandler(w.handler())
+		reg, err := inf.AddEventHandler(w.handler(true))
 		if err != nil {
 			return nil, fmt.Errorf("watch: %w", err)
 		}
@@ -105,7 +123,7 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 			informers.WithTransform(Trim))
 		nodes := w.nodes.Core().V1().Nodes()
 		w.node = nodes.Lister()
-		reg, err := nodes.Informer().AddEventHandler(w.handler())
+		reg, err := nodes.Informer().AddEventHandler(w.handler(false))
 		if err != nil {
 			return nil, fmt.Errorf("watch: %w", err)
 		}
@@ -130,19 +148,113 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 	return w, nil
 }
 
-func (w *Watcher) handler() cache.ResourceEventHandler {
+// handler signals every change; with markDirty it also marks the Services
+// the objects concern dirty.
+func (w *Watcher) handler(markDirty bool) cache.ResourceEventHandler {
+	changed := func(gone, now any) {
+		if markDirty {
+			w.markDirty(gone, now)
+		}
+		w.signal()
+	}
 	return cache.ResourceEventHandlerFuncs{
-		AddFunc: func(any) { w.signal() },
+		AddFunc: func(obj any) { changed(nil, obj) },
 		UpdateFunc: func(oldObj, newObj any) {
 			o, ok1 := oldObj.(metav1.Object)
 			n, ok2 := newObj.(metav1.Object)
 			if ok1 && ok2 && o.GetResourceVersion() == n.GetResourceVersion() {
 				return // a relist, not a change
 			}
-			w.signal()
+			changed(oldObj, newObj) // a slice may have moved to another Service
 		},
-		DeleteFunc: func(any) { w.signal() },
+		DeleteFunc: func(obj any) { changed(obj, nil) },
 	}
+}
+
+// markDirty records the Services the objects concern (gone: the old state
+// or a deleted object; now: the new state; either may be nil) and keeps
+// sliceNames up to date. The caches already hold the new state when it runs.
+func (w *Watcher) markDirty(gone, now any) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for i, obj := range []any{gone, now} {
+		if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+			obj = d.Obj
+		}
+		switch o := obj.(type) {
+		case *corev1.Service:
+			w.dirty[types.NamespacedName{Namespace: o.Namespace, Name: o.Name}] = struct{}{}
+		case *discoveryv1.EndpointSlice:
+			k, ok := sliceServiceKey(o)
+			if !ok {
+				continue
+			}
+			w.dirty[k] = struct{}{}
+			names := w.sliceNames[k]
+			if i == 0 {
+				names = slices.DeleteFunc(names, func(n string) bool { return n == o.Name })
+			} else if !slices.Contains(names, o.Name) {
+				names = append(names, o.Name)
+			}
+			if len(names) == 0 {
+				delete(w.sliceNames, k)
+			} else {
+				w.sliceNames[k] = names
+			}
+		}
+	}
+}
+
+// TakeDirty returns the Services whose Service object or EndpointSlices
+// changed since the last call (in no particular order) and empties the set.
+// Read their state after taking them (Service): a change that lands in
+// between is marked again and seen by the next call.
+func (w *Watcher) TakeDirty() []types.NamespacedName {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.dirty) == 0 {
+		return nil
+	}
+	out := make([]types.NamespacedName, 0, len(w.dirty))
+	for k := range w.dirty {
+		out = append(out, k)
+	}
+	if len(w.dirty) > 1024 {
+		w.dirty = map[types.NamespacedName]struct{}{} // let a big initial set go
+	} else {
+		clear(w.dirty)
+	}
+	return out
+}
+
+// Service returns a Service (nil when it is not in the cache) and its
+// EndpointSlices, from the caches: the objects belong to the caches, read
+// them, never modify them.
+func (w *Watcher) Service(key types.NamespacedName) (*corev1.Service, []*discoveryv1.EndpointSlice, error) {
+	svc, err := w.svcLister.Services(key.Namespace).Get(key.Name)
+	if apierrors.IsNotFound(err) {
+		svc, err = nil, nil
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("watch: get service %s: %w", key, err)
+	}
+	w.mu.Lock()
+	names := slices.Clone(w.sliceNames[key])
+	w.mu.Unlock()
+	sl := make([]*discoveryv1.EndpointSlice, 0, len(names))
+	for _, n := range names {
+		es, err := w.esLister.EndpointSlices(key.Namespace).Get(n)
+		if apierrors.IsNotFound(err) {
+			continue // deleted since: its handler marks the Service again
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("watch: get endpointslice %s/%s: %w", key.Namespace, n, err)
+		}
+		if k, ok := sliceServiceKey(es); ok && k == key {
+			sl = append(sl, es)
+		}
+	}
+	return svc, sl, nil
 }
 
 // signal raises the change flag; a flag already up absorbs it.
@@ -211,9 +323,11 @@ func (w *Watcher) Snapshot() (Snapshot, error) {
 
 // Trim drops what the agent never reads before an object enters the informer
 // cache: managed fields, annotations (kubectl's last-applied copy of the
-// whole object is the biggest), and on EndpointSlices the deprecated topology
+// whole object is the biggest), owner references and finalizers; on
+// Services the selector and status conditions; on EndpointSlices each
+// endpoint's target reference, hostname, zone, hints and deprecated topology
 // map. At 50,000 Services this is most of the cache. Objects of other types
-// pass unchanged.
+// pass unchanged but for the metadata.
 func Trim(obj any) (any, error) {
 	m, ok := obj.(metav1.Object)
 	if !ok {
@@ -221,13 +335,19 @@ func Trim(obj any) (any, error) {
 	}
 	m.SetManagedFields(nil)
 	m.SetAnnotations(nil)
-	if es, ok := obj.(*discoveryv1.EndpointSlice); ok {
-		for i := range es.Endpoints {
-			es.Endpoints[i].DeprecatedTopology = nil
+	m.SetOwnerReferences(nil)
+	m.SetFinalizers(nil)
+	switch o := obj.(type) {
+	case *corev1.Service:
+		o.Spec.Selector = nil
+		o.Status.Conditions = nil
+	case *discoveryv1.EndpointSlice:
+		for i := range o.Endpoints {
+			ep := &o.Endpoints[i]
+			ep.DeprecatedTopology, ep.TargetRef, ep.Hostname, ep.Zone, ep.Hints = nil, nil, nil, nil, nil
 		}
-	}
-	if n, ok := obj.(*corev1.Node); ok {
-		n.Status.Images = nil // the largest part of a Node, never read
+	case *corev1.Node:
+		o.Status.Images = nil // the largest part of a Node, never read
 	}
 	return obj, nil
 }

@@ -1,11 +1,15 @@
 package watch
 
 import (
+	"context"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/cache"
 )
 
@@ -13,13 +17,18 @@ func TestTrimDropsWhatTheAgentNeverReads(t *testing.T) {
 	meta := func() metav1.ObjectMeta {
 		return metav1.ObjectMeta{
 			Name: "web", Namespace: "default", Labels: map[string]string{"app": "web"},
-			Annotations:   map[string]string{"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
-			ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubectl"}},
+			Annotations:     map[string]string{"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+			ManagedFields:   []metav1.ManagedFieldsEntry{{Manager: "kubectl"}},
+			OwnerReferences: []metav1.OwnerReference{{Kind: "Service", Name: "web"}},
+			Finalizers:      []string{"service.kubernetes.io/load-balancer-cleanup"},
 		}
 	}
-	svc := &corev1.Service{ObjectMeta: meta(), Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.10"}}
+	svc := &corev1.Service{ObjectMeta: meta(), Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.10", Selector: map[string]string{"app": "web"}}}
+	zone, host, node1 := "a", "web-0", "n1"
 	es := &discoveryv1.EndpointSlice{ObjectMeta: meta(), Endpoints: []discoveryv1.Endpoint{
-		{Addresses: []string{"10.244.1.5"}, DeprecatedTopology: map[string]string{"zone": "a"}},
+		{Addresses: []string{"10.244.1.5"}, DeprecatedTopology: map[string]string{"zone": "a"}, Zone: &zone, Hostname: &host,
+			NodeName: &node1, TargetRef: &corev1.ObjectReference{Kind: "Pod", Name: "web-0"},
+			Hints: &discoveryv1.EndpointHints{ForZones: []discoveryv1.ForZone{{Name: "a"}}}},
 	}}
 	node := &corev1.Node{ObjectMeta: meta(), Status: corev1.NodeStatus{
 		Images:    []corev1.ContainerImage{{Names: []string{"pause"}}},
@@ -29,17 +38,18 @@ func TestTrimDropsWhatTheAgentNeverReads(t *testing.T) {
 		if _, err := Trim(obj); err != nil {
 			t.Fatal(err)
 		}
-		if obj.GetManagedFields() != nil || obj.GetAnnotations() != nil {
-			t.Errorf("%T: managed fields or annotations kept", obj)
+		if obj.GetManagedFields() != nil || obj.GetAnnotations() != nil || obj.GetOwnerReferences() != nil || obj.GetFinalizers() != nil {
+			t.Errorf("%T: managed fields, annotations, owner references or finalizers kept", obj)
 		}
 		if obj.GetLabels()["app"] != "web" || obj.GetName() != "web" {
 			t.Errorf("%T: labels or name lost", obj)
 		}
 	}
-	if svc.Spec.ClusterIP != "10.96.0.10" {
-		t.Error("service spec changed")
+	if svc.Spec.ClusterIP != "10.96.0.10" || svc.Spec.Selector != nil {
+		t.Errorf("service spec: %+v", svc.Spec)
 	}
-	if es.Endpoints[0].DeprecatedTopology != nil || es.Endpoints[0].Addresses[0] != "10.244.1.5" {
+	if ep := es.Endpoints[0]; ep.DeprecatedTopology != nil || ep.Zone != nil || ep.Hostname != nil || ep.TargetRef != nil ||
+		ep.Hints != nil || ep.Addresses[0] != "10.244.1.5" || *ep.NodeName != "n1" {
 		t.Errorf("endpoint: %+v", es.Endpoints[0])
 	}
 	if node.Status.Images != nil || len(node.Status.Addresses) != 1 {
@@ -48,5 +58,86 @@ func TestTrimDropsWhatTheAgentNeverReads(t *testing.T) {
 	tomb := cache.DeletedFinalStateUnknown{Key: "default/web"}
 	if out, err := Trim(tomb); err != nil || out != tomb {
 		t.Errorf("tombstone: %v %v", out, err)
+	}
+}
+
+// Changes to Services and EndpointSlices mark their Service dirty (a slice
+// moved to another Service marks both); Service reads the object and its
+// slices from the caches.
+func TestDirtyServicesAndLookup(t *testing.T) {
+	cs := fake.NewClientset()
+	w, err := New(cs, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer func() { cancel(); w.Shutdown() }()
+	w.Start(ctx)
+	if !w.WaitForSync(ctx) {
+		t.Fatal("informers did not sync")
+	}
+	a := types.NamespacedName{Namespace: "ns", Name: "a"}
+	b := types.NamespacedName{Namespace: "ns", Name: "b"}
+	slice := func(svc string, addr string) *discoveryv1.EndpointSlice {
+		return &discoveryv1.EndpointSlice{
+			ObjectMeta:  metav1.ObjectMeta{Namespace: "ns", Name: "a-1", Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+			AddressType: discoveryv1.AddressTypeIPv4,
+			Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{addr}}},
+		}
+	}
+	// waitDirty collects dirty keys until it has want (informer handlers run
+	// asynchronously).
+	waitDirty := func(want ...types.NamespacedName) {
+		t.Helper()
+		got := map[types.NamespacedName]bool{}
+		deadline := time.Now().Add(5 * time.Second)
+		for len(got) < len(want) && time.Now().Before(deadline) {
+			for _, k := range w.TakeDirty() {
+				got[k] = true
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		for _, k := range want {
+			if !got[k] {
+				t.Fatalf("dirty %v, want %v", got, want)
+			}
+		}
+		if len(got) != len(want) {
+			t.Fatalf("dirty %v, want only %v", got, want)
+		}
+	}
+
+	svcs, slices := cs.CoreV1().Services("ns"), cs.DiscoveryV1().EndpointSlices("ns")
+	if _, err := svcs.Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "a"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := slices.Create(ctx, slice("a", "10.0.0.1"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitDirty(a)
+	svc, sl, err := w.Service(a)
+	if err != nil || svc == nil || len(sl) != 1 || sl[0].Endpoints[0].Addresses[0] != "10.0.0.1" {
+		t.Fatalf("Service(a) = %v, %v, %v", svc, sl, err)
+	}
+
+	es := slice("b", "10.0.0.2")
+	es.ResourceVersion = "2"
+	if _, err := slices.Update(ctx, es, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitDirty(a, b)
+	if _, sl, _ := w.Service(a); len(sl) != 0 {
+		t.Fatalf("a still has the slice that moved to b: %v", sl)
+	}
+	if svc, sl, _ := w.Service(b); svc != nil || len(sl) != 1 {
+		t.Fatalf("Service(b) = %v, %v; want no Service, one slice", svc, sl)
+	}
+
+	if err := svcs.Delete(ctx, "a", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitDirty(a)
+	if svc, _, err := w.Service(a); svc != nil || err != nil {
+		t.Fatalf("deleted Service(a) = %v, %v", svc, err)
 	}
 }
