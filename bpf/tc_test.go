@@ -186,6 +186,9 @@ func TestIntegrationTCAttach(t *testing.T) {
 					t.Fatalf("program %d survived the restart: not replaced", id)
 				}
 			}
+			// Same links (the query walks ingress/egress in map order: compare sorted).
+			slices.Sort(before.linkIDs)
+			slices.Sort(after.linkIDs)
 			if mode == bpf.TCModeTCX && !slices.Equal(before.linkIDs, after.linkIDs) {
 				t.Fatalf("tcx links %v became %v: not updated in place", before.linkIDs, after.linkIDs)
 			}
