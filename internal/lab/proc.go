@@ -199,3 +199,21 @@ func run(ctx context.Context, name string, args ...string) error {
 	}
 	return nil
 }
+
+// StopStarted stops a process the caller started itself and is waiting for
+// (done closes when its Wait returns): SIGTERM, then SIGKILL after grace.
+// A process already gone is left alone. For test helpers' Stop methods.
+func StopStarted(p *os.Process, done <-chan struct{}, grace time.Duration) {
+	select {
+	case <-done:
+		return
+	default:
+	}
+	_ = p.Signal(syscall.SIGTERM)
+	select {
+	case <-done:
+	case <-time.After(grace):
+		_ = p.Kill()
+		<-done
+	}
+}

@@ -76,20 +76,7 @@ func StartEchoServer(ctx context.Context, s *lab.State, node string, port uint16
 }
 
 // Stop kills the echo server (the process StartEchoServer started) and waits for it.
-func (e *Echo) Stop() {
-	select {
-	case <-e.done:
-		return
-	default:
-	}
-	_ = e.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-e.done:
-	case <-time.After(5 * time.Second):
-		_ = e.cmd.Process.Kill()
-		<-e.done
-	}
-}
+func (e *Echo) Stop() { lab.StopStarted(e.cmd.Process, e.done, 5*time.Second) }
 
 func httpGet(ctx context.Context, url string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)

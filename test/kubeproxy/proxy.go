@@ -448,13 +448,7 @@ func (p *Proxy) Stop() {
 		return
 	default:
 	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
+	lab.StopStarted(p.cmd.Process, p.done, 10*time.Second)
 	p.Opts.logf("%s: kube-proxy stopped (%v)", p.Opts.Node, p.err)
 }
 

@@ -339,18 +339,7 @@ func (a *Agent) Stop() {
 	if a == nil || a.cmd == nil {
 		return
 	}
-	select {
-	case <-a.done:
-		return
-	default:
-	}
-	_ = a.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-a.done:
-	case <-time.After(10 * time.Second):
-		_ = a.cmd.Process.Kill()
-		<-a.done
-	}
+	lab.StopStarted(a.cmd.Process, a.done, 10*time.Second)
 }
 
 // LogTail is the last n lines of the agent's log.
