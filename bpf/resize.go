@@ -75,7 +75,7 @@ func ResizePinned(pinDir string, sizes MapSizes) ([]Resized, error) {
 		if isLRU(j.spec.Type) || j.spec.Type == ebpf.PerCPUArray {
 			continue
 		}
-		n, err := countEntries(j.old)
+		n, err := CountEntries(j.old)
 		if err != nil {
 			return nil, fmt.Errorf("bpf: count %s: %w", j.name, err)
 		}
@@ -98,7 +98,15 @@ func ResizePinned(pinDir string, sizes MapSizes) ([]Resized, error) {
 
 func isLRU(t ebpf.MapType) bool { return t == ebpf.LRUHash || t == ebpf.LRUCPUHash }
 
-func countEntries(m *ebpf.Map) (int, error) {
+// CountEntries counts the entries of a (non per-CPU) map by iterating it
+// with raw buffers: nothing is decoded.
+func CountEntries(m *ebpf.Map) (int, error) {
+	if m == nil {
+		return 0, errors.New("bpf: no map")
+	}
+	if m.Type() == ebpf.PerCPUHash || m.Type() == ebpf.PerCPUArray || m.Type() == ebpf.LRUCPUHash {
+		return 0, fmt.Errorf("bpf: CountEntries: per-CPU map %s not supported", m.Type())
+	}
 	var n int
 	k := make([]byte, m.KeySize())
 	v := make([]byte, m.ValueSize())

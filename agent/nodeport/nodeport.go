@@ -19,7 +19,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kpfree/kpfree/agent/devices"
@@ -254,21 +253,7 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	for name, v := range stats {
 		ch <- prometheus.MustNewConstMetric(packetsDesc, prometheus.CounterValue, float64(v), name)
 	}
-	if n, err := countCT(c.maps.CT); err == nil {
+	if n, err := bpf.CountEntries(c.maps.CT); err == nil {
 		ch <- prometheus.MustNewConstMetric(ctDesc, prometheus.GaugeValue, float64(n))
 	}
-}
-
-func countCT(m *ebpf.Map) (int, error) {
-	if m == nil {
-		return 0, errors.New("no conntrack map")
-	}
-	k := make([]byte, m.KeySize())
-	v := make([]byte, m.ValueSize())
-	n := 0
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		n++
-	}
-	return n, it.Err()
 }

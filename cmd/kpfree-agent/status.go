@@ -188,8 +188,8 @@ func nodePortStatus(bpffs string, m bpf.MapSet) ([]deviceStatus, int, map[string
 		devs = append(devs, d)
 	}
 	ct := -1
-	if entries, err := lbmap.DumpConntrack(m.CT); err == nil {
-		ct = len(entries)
+	if n, err := bpf.CountEntries(m.CT); err == nil {
+		ct = n
 	}
 	counters, _ := lbmap.ReadStats(m.Stats)
 	return devs, ct, counters
