@@ -158,8 +158,8 @@ func (p *NodePortPrograms) Close() error {
 // ingress and egress of every device in opts.Devices: tcx links where the
 // kernel has them (pinned under PinDir/v2/links/tc, updated in place on a
 // restart), else clsact + cls_bpf filters (replaced in place; recorded under
-// PinDir/v2/tc/clsact so that Uninstall finds them). Either way a restart is
-// hitless. Devices attached earlier but not listed now are detached.
+// PinDir/v2/tc/clsact so that Uninstall finds them). Either way a restart
+// never leaves a hook empty. Devices attached earlier but not listed now are detached.
 // Device names are resolved in the calling thread's network namespace.
 func (d *Datapath) LoadNodePort(opts NodePortOptions) (_ *NodePort, err error) {
 	if d.coll == nil {
