@@ -19,6 +19,7 @@ import (
 
 	"github.com/kpfree/kpfree/agent"
 	"github.com/kpfree/kpfree/agent/model"
+	"github.com/kpfree/kpfree/agent/slim"
 	"github.com/kpfree/kpfree/internal/install"
 )
 
@@ -47,7 +48,7 @@ type expected map[string][]string
 // EndpointSlices, for one node, with the options that node's agent runs
 // with (its NodePort addresses in particular).
 func desired(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, node string, o model.Options) expected {
-	res := model.Build(svcs, eps, node, o)
+	res := model.Build(slim.Services(svcs), slim.EndpointSlices(eps), node, o)
 	out := expected{}
 	for _, s := range res.Services() {
 		var bs []string

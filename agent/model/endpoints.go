@@ -52,30 +52,30 @@ func (b *builder) candidates(portName string, proto corev1.Protocol, is4 bool) [
 			continue
 		}
 		for _, p := range es.Ports {
-			if deref(p.Name, "") != portName || deref(p.Protocol, corev1.ProtocolTCP) != proto {
+			if p.Name != portName || p.Protocol != proto {
 				continue
 			}
-			if p.Port == nil || *p.Port < 1 || *p.Port > 65535 {
+			if p.Port < 1 || p.Port > 65535 {
 				continue // no port: the endpoints cannot be reached on it
 			}
 			for _, ep := range es.Endpoints {
-				if len(ep.Addresses) == 0 {
+				if ep.Address == "" {
 					continue
 				}
 				// Only the first address counts, as for kube-proxy: the
 				// others are alternatives of the same endpoint.
-				a, err := netip.ParseAddr(ep.Addresses[0])
+				a, err := netip.ParseAddr(ep.Address)
 				if err != nil || a.Zone() != "" || a.Unmap().Is4() != is4 {
 					b.warn(ReasonInvalidEndpoint, "EndpointSlice %s: address %q is not an %s address; endpoint ignored",
-						es.Name, ep.Addresses[0], want)
+						es.Name, ep.Address, want)
 					continue
 				}
 				c := candidate{
-					be:          lbmap.Backend{Addr: a.Unmap(), Port: uint16(*p.Port)},
-					ready:       deref(ep.Conditions.Ready, true),
-					serving:     deref(ep.Conditions.Serving, true),
-					terminating: deref(ep.Conditions.Terminating, false),
-					node:        deref(ep.NodeName, ""),
+					be:          lbmap.Backend{Addr: a.Unmap(), Port: uint16(p.Port)},
+					ready:       ep.Ready,
+					serving:     ep.Serving,
+					terminating: ep.Terminating,
+					node:        ep.Node,
 				}
 				c.be.Local = b.isLocal(c)
 				k := netip.AddrPortFrom(c.be.Addr, c.be.Port)
@@ -134,11 +134,4 @@ func pick(cands []candidate, local bool, node string) []lbmap.Backend {
 	}
 	slices.SortFunc(out, lbmap.Backend.Compare)
 	return out
-}
-
-func deref[T any](p *T, def T) T {
-	if p == nil {
-		return def
-	}
-	return *p
 }

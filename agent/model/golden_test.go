@@ -23,6 +23,7 @@ import (
 
 	"github.com/kpfree/kpfree/agent/lbmap"
 	"github.com/kpfree/kpfree/agent/model"
+	"github.com/kpfree/kpfree/agent/slim"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/*.golden from the current output")
@@ -106,7 +107,7 @@ func readInput(t *testing.T, path string) input {
 // Fake's dump plus the warnings.
 func render(t *testing.T, in input) string {
 	t.Helper()
-	res := model.Build(in.svcs, in.slices, in.nodeName, in.opts)
+	res := model.Build(slim.Services(in.svcs), slim.EndpointSlices(in.slices), in.nodeName, in.opts)
 	fake := lbmap.NewFake(lbmap.Capacity{})
 	if err := fake.Sync(res.Services()); err != nil {
 		t.Fatalf("Sync: %v", err)
@@ -144,7 +145,7 @@ func render(t *testing.T, in input) string {
 
 	// Idempotent: the same desired state again writes nothing.
 	before := fake.Writes()
-	if err := fake.Sync(model.Build(in.svcs, in.slices, in.nodeName, in.opts).Services()); err != nil {
+	if err := fake.Sync(model.Build(slim.Services(in.svcs), slim.EndpointSlices(in.slices), in.nodeName, in.opts).Services()); err != nil {
 		t.Fatal(err)
 	}
 	if n := fake.Writes() - before; n != 0 {

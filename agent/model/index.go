@@ -4,19 +4,18 @@ import (
 	"cmp"
 	"slices"
 
-	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/kpfree/kpfree/agent/lbmap"
+	"github.com/kpfree/kpfree/agent/slim"
 )
 
 // ServiceInput is the current state of one Service: the object (nil: it is
 // gone) and its EndpointSlices (any order; unusable ones are skipped).
 type ServiceInput struct {
 	Key     types.NamespacedName
-	Service *corev1.Service
-	Slices  []*discoveryv1.EndpointSlice
+	Service *slim.Service
+	Slices  []*slim.EndpointSlice
 }
 
 // Delta is what an [Index.Update] changed in the desired state: the
@@ -66,7 +65,7 @@ func NewIndex() *Index {
 // Reset rebuilds the Index from the whole state with new options. Its Delta
 // holds only NewWarnings (warnings not present before the reset) and
 // HealthChecks; use Services or Result for the desired state.
-func (x *Index) Reset(svcs []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, nodeName string, o Options) Delta {
+func (x *Index) Reset(svcs []*slim.Service, endpointSlices []*slim.EndpointSlice, nodeName string, o Options) Delta {
 	o.NodeName = nodeName
 	o.NodeAddrs = slices.Clone(o.NodeAddrs)
 	bySvc := slicesByService(endpointSlices)
@@ -92,7 +91,7 @@ func (x *Index) Reset(svcs []*corev1.Service, endpointSlices []*discoveryv1.Endp
 		if ok, _ := Managed(svc, o); !ok {
 			continue
 		}
-		k := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
+		k := svc.Key()
 		sb := buildService(svc, o, bySvc[k])
 		x.svcs[k] = sb
 		x.addClaims(sb)
@@ -161,10 +160,9 @@ func (x *Index) Update(changes []ServiceInput) Delta {
 		if ok, _ := Managed(in.Service, x.opts); !ok {
 			continue
 		}
-		l := make([]*discoveryv1.EndpointSlice, 0, len(in.Slices))
+		l := make([]*slim.EndpointSlice, 0, len(in.Slices))
 		for _, es := range in.Slices {
-			if es != nil && UsableSlice(es) && es.Namespace == in.Key.Namespace &&
-				es.Labels[discoveryv1.LabelServiceName] == in.Key.Name {
+			if es != nil && UsableSlice(es) && es.ServiceKey() == in.Key {
 				l = append(l, es)
 			}
 		}

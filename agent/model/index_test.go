@@ -16,6 +16,7 @@ import (
 
 	"github.com/kpfree/kpfree/agent/lbmap"
 	"github.com/kpfree/kpfree/agent/model"
+	"github.com/kpfree/kpfree/agent/slim"
 )
 
 // cluster is a random cluster state that changes a few Services at a time.
@@ -109,7 +110,8 @@ func (c *cluster) randomSlices(k types.NamespacedName) []*discoveryv1.EndpointSl
 	return out
 }
 
-func (c *cluster) lists() ([]*corev1.Service, []*discoveryv1.EndpointSlice) {
+// lists returns the cluster as the watcher hands it to the model.
+func (c *cluster) lists() ([]*slim.Service, []*slim.EndpointSlice) {
 	var svcs []*corev1.Service
 	var sl []*discoveryv1.EndpointSlice
 	for _, s := range c.svcs {
@@ -118,11 +120,15 @@ func (c *cluster) lists() ([]*corev1.Service, []*discoveryv1.EndpointSlice) {
 	for _, l := range c.slices {
 		sl = append(sl, l...)
 	}
-	return svcs, sl
+	return slim.Services(svcs), slim.EndpointSlices(sl)
 }
 
 func (c *cluster) input(k types.NamespacedName) model.ServiceInput {
-	return model.ServiceInput{Key: k, Service: c.svcs[k], Slices: c.slices[k]}
+	in := model.ServiceInput{Key: k, Slices: slim.EndpointSlices(c.slices[k])}
+	if s := c.svcs[k]; s != nil {
+		in.Service = slim.FromService(s)
+	}
+	return in
 }
 
 func warningKeys(ws []model.Warning) map[string]bool {

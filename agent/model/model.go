@@ -33,6 +33,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/kpfree/kpfree/agent/lbmap"
+	"github.com/kpfree/kpfree/agent/slim"
 )
 
 // Labels that decide which objects the agent handles (the same ones
@@ -40,9 +41,9 @@ import (
 const (
 	// LabelServiceProxyName on a Service hands it to another proxy, unless the
 	// value is our own --proxy-name.
-	LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
+	LabelServiceProxyName = slim.LabelServiceProxyName
 	// LabelHeadless marks the EndpointSlices of a headless Service.
-	LabelHeadless = corev1.IsHeadlessService
+	LabelHeadless = slim.LabelHeadless
 )
 
 // Options tune the model.
@@ -152,14 +153,14 @@ func (r Result) Services() []lbmap.Service {
 
 // Managed reports whether the agent handles the Service at all, and if not,
 // why. Unmanaged Services produce nothing, not even warnings.
-func Managed(svc *corev1.Service, o Options) (bool, string) {
-	if v, ok := svc.Labels[LabelServiceProxyName]; ok && (o.ProxyName == "" || v != o.ProxyName) {
+func Managed(svc *slim.Service, o Options) (bool, string) {
+	if v := svc.ProxyName; svc.HasProxyName && (o.ProxyName == "" || v != o.ProxyName) {
 		return false, fmt.Sprintf("label %s=%q names another proxy", LabelServiceProxyName, v)
 	}
-	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+	if svc.Type == corev1.ServiceTypeExternalName {
 		return false, "type ExternalName"
 	}
-	if svc.Spec.ClusterIP == corev1.ClusterIPNone {
+	if svc.Headless {
 		return false, "headless"
 	}
 	return true, ""
@@ -167,30 +168,30 @@ func Managed(svc *corev1.Service, o Options) (bool, string) {
 
 // UsableSlice reports whether an EndpointSlice can feed a Service: it names
 // its Service, holds IP addresses (not FQDNs) and is not a headless one.
-func UsableSlice(es *discoveryv1.EndpointSlice) bool {
+func UsableSlice(es *slim.EndpointSlice) bool {
 	if es.AddressType != discoveryv1.AddressTypeIPv4 && es.AddressType != discoveryv1.AddressTypeIPv6 {
 		return false // FQDN (deprecated) and unknown types
 	}
-	if _, ok := es.Labels[LabelHeadless]; ok {
+	if es.Headless {
 		return false
 	}
-	return es.Labels[discoveryv1.LabelServiceName] != ""
+	return es.Service != ""
 }
 
 // Build computes the desired state from the Services and EndpointSlices of
-// the cluster (as listed by the informers; they are not modified).
+// the cluster (as the watcher holds them; they are not modified).
 //
 // It is the reference: [Index] computes the same Result incrementally.
-func Build(svcs []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, nodeName string, o Options) Result {
+func Build(svcs []*slim.Service, endpointSlices []*slim.EndpointSlice, nodeName string, o Options) Result {
 	o.NodeName = nodeName
 	bySvc := slicesByService(endpointSlices)
-	sorted := make([]*corev1.Service, 0, len(svcs))
+	sorted := make([]*slim.Service, 0, len(svcs))
 	for _, s := range svcs {
 		if s != nil {
 			sorted = append(sorted, s)
 		}
 	}
-	slices.SortFunc(sorted, func(a, b *corev1.Service) int {
+	slices.SortFunc(sorted, func(a, b *slim.Service) int {
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
 
@@ -234,13 +235,13 @@ func sortHealthChecks(hcs []HealthCheck) {
 
 // slicesByService groups the usable slices by Service, each group sorted by
 // slice name.
-func slicesByService(endpointSlices []*discoveryv1.EndpointSlice) map[types.NamespacedName][]*discoveryv1.EndpointSlice {
-	bySvc := make(map[types.NamespacedName][]*discoveryv1.EndpointSlice, len(endpointSlices))
+func slicesByService(endpointSlices []*slim.EndpointSlice) map[types.NamespacedName][]*slim.EndpointSlice {
+	bySvc := make(map[types.NamespacedName][]*slim.EndpointSlice, len(endpointSlices))
 	for _, es := range endpointSlices {
 		if es == nil || !UsableSlice(es) {
 			continue
 		}
-		k := types.NamespacedName{Namespace: es.Namespace, Name: es.Labels[discoveryv1.LabelServiceName]}
+		k := es.ServiceKey()
 		bySvc[k] = append(bySvc[k], es)
 	}
 	for _, l := range bySvc {
@@ -253,8 +254,8 @@ func slicesByService(endpointSlices []*discoveryv1.EndpointSlice) map[types.Name
 
 // sortSlices orders a Service's slices by name: slice order decides ties
 // between duplicate endpoints, so make it independent of the informer's.
-func sortSlices(l []*discoveryv1.EndpointSlice) {
-	slices.SortFunc(l, func(a, b *discoveryv1.EndpointSlice) int { return cmp.Compare(a.Name, b.Name) })
+func sortSlices(l []*slim.EndpointSlice) {
+	slices.SortFunc(l, func(a, b *slim.EndpointSlice) int { return cmp.Compare(a.Name, b.Name) })
 }
 
 // serviceBuild is the model of one Service on its own: its frontend groups
@@ -278,7 +279,7 @@ type group struct {
 	accepted bool // set by resolve
 }
 
-func buildService(svc *corev1.Service, o Options, sl []*discoveryv1.EndpointSlice) *serviceBuild {
+func buildService(svc *slim.Service, o Options, sl []*slim.EndpointSlice) *serviceBuild {
 	b := newBuilder(svc, o, sl)
 	sb := &serviceBuild{name: b.name, uid: svc.UID, gen: svc.Generation}
 	gs := b.entries()
@@ -331,9 +332,9 @@ func (sb *serviceBuild) appendAccepted(out []Entry) []Entry {
 
 // builder computes the entries of one Service.
 type builder struct {
-	svc      *corev1.Service
+	svc      *slim.Service
 	opts     Options
-	slices   []*discoveryv1.EndpointSlice
+	slices   []*slim.EndpointSlice
 	warnings []Warning
 
 	families familySet               // address families of the ClusterIPs
@@ -372,17 +373,11 @@ type candKey struct {
 	is4   bool
 }
 
-func newBuilder(svc *corev1.Service, o Options, sl []*discoveryv1.EndpointSlice) *builder {
+func newBuilder(svc *slim.Service, o Options, sl []*slim.EndpointSlice) *builder {
 	b := &builder{
 		svc: svc, opts: o, slices: sl,
-		name: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name},
-	}
-	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
-		secs := corev1.DefaultClientIPServiceAffinitySeconds
-		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil && *c.ClientIP.TimeoutSeconds > 0 {
-			secs = *c.ClientIP.TimeoutSeconds
-		}
-		b.affinity = time.Duration(secs) * time.Second
+		name:     svc.Key(),
+		affinity: time.Duration(svc.AffinitySeconds) * time.Second,
 	}
 	for _, a := range b.clusterIPs() {
 		b.families.add(a.Is4())
@@ -418,12 +413,8 @@ func (b *builder) candidatesFor(portName string, proto corev1.Protocol, is4 bool
 // clusterIPs are the Service's valid ClusterIPs (invalid ones warned about
 // in frontendsOf).
 func (b *builder) clusterIPs() []netip.Addr {
-	ips := b.svc.Spec.ClusterIPs
-	if len(ips) == 0 && b.svc.Spec.ClusterIP != "" {
-		ips = []string{b.svc.Spec.ClusterIP}
-	}
 	var out []netip.Addr
-	for _, ip := range ips {
+	for _, ip := range b.svc.ClusterIPs {
 		if a, err := netip.ParseAddr(ip); err == nil && a.Zone() == "" {
 			out = append(out, a.Unmap())
 		}
@@ -432,20 +423,19 @@ func (b *builder) clusterIPs() []netip.Addr {
 }
 
 func (b *builder) externalPolicyLocal() bool {
-	t := b.svc.Spec.Type
-	return (t == corev1.ServiceTypeNodePort || t == corev1.ServiceTypeLoadBalancer) &&
-		b.svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
+	t := b.svc.Type
+	return (t == corev1.ServiceTypeNodePort || t == corev1.ServiceTypeLoadBalancer) && b.svc.ExternalLocal
 }
 
 // sourceRanges parses loadBalancerSourceRanges as kube-proxy does: invalid
 // ones are ignored (with a warning), and an address family without valid
 // ranges is not filtered.
 func (b *builder) sourceRanges() map[bool][]netip.Prefix {
-	if b.svc.Spec.Type != corev1.ServiceTypeLoadBalancer {
+	if b.svc.Type != corev1.ServiceTypeLoadBalancer {
 		return nil
 	}
 	out := map[bool][]netip.Prefix{}
-	for _, r := range b.svc.Spec.LoadBalancerSourceRanges {
+	for _, r := range b.svc.LoadBalancerSourceRanges {
 		p, err := netip.ParsePrefix(strings.TrimSpace(r))
 		if err != nil || p.Addr().Zone() != "" {
 			b.warn(ReasonInvalidSourceRange, "loadBalancerSourceRanges: %q is not a CIDR; ignored", r)
@@ -461,7 +451,7 @@ func (b *builder) sourceRanges() map[bool][]netip.Prefix {
 		}
 		out[is4] = append(out[is4], p.Masked())
 	}
-	if len(b.svc.Spec.LoadBalancerSourceRanges) > 0 && len(out) == 0 {
+	if len(b.svc.LoadBalancerSourceRanges) > 0 && len(out) == 0 {
 		b.warn(ReasonInvalidSourceRange, "loadBalancerSourceRanges: no usable range; the load balancer IPs accept every client")
 	}
 	return out
@@ -504,12 +494,8 @@ func (b *builder) parseFrontendIP(reason, what, ip string) (netip.Addr, bool) {
 // frontendsOf lists the addresses of one Service port, each address once
 // (the first kind wins, in the order ClusterIP, NodePort, ExternalIP,
 // LoadBalancer).
-func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
-	ips := b.svc.Spec.ClusterIPs
-	if len(ips) == 0 && b.svc.Spec.ClusterIP != "" {
-		ips = []string{b.svc.Spec.ClusterIP}
-	}
-	itpLocal := b.svc.Spec.InternalTrafficPolicy != nil && *b.svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+func (b *builder) frontendsOf(sp slim.ServicePort) []frontendAddr {
+	itpLocal := b.svc.InternalLocal
 	etpLocal := b.externalPolicyLocal()
 	var out []frontendAddr
 	add := func(fa frontendAddr) {
@@ -520,7 +506,7 @@ func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
 		}
 		out = append(out, fa)
 	}
-	for _, ip := range ips {
+	for _, ip := range b.svc.ClusterIPs {
 		if ip == "" || ip == corev1.ClusterIPNone {
 			continue
 		}
@@ -532,7 +518,7 @@ func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
 		add(frontendAddr{kind: KindClusterIP, addr: a.Unmap(), port: uint16(sp.Port), internalLocal: itpLocal})
 	}
 
-	t := b.svc.Spec.Type
+	t := b.svc.Type
 	if (t == corev1.ServiceTypeNodePort || t == corev1.ServiceTypeLoadBalancer) && sp.NodePort > 0 && sp.NodePort <= 65535 {
 		np := uint16(sp.NodePort)
 		for _, a := range b.opts.NodeAddrs {
@@ -552,18 +538,15 @@ func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
 		}
 	}
 
-	for _, ip := range b.svc.Spec.ExternalIPs {
+	for _, ip := range b.svc.ExternalIPs {
 		if a, ok := b.parseFrontendIP(ReasonInvalidExternalIP, "externalIP", ip); ok {
 			add(frontendAddr{kind: KindExternalIP, addr: a, port: uint16(sp.Port), external: true, externalLocal: etpLocal})
 		}
 	}
 
 	if t == corev1.ServiceTypeLoadBalancer {
-		for _, ing := range b.svc.Status.LoadBalancer.Ingress {
-			if ing.IP == "" {
-				continue // hostname only
-			}
-			if ing.IPMode != nil && *ing.IPMode == corev1.LoadBalancerIPModeProxy {
+		for _, ing := range b.svc.Ingress {
+			if ing.Proxy {
 				continue // the load balancer proxies: traffic arrives for node addresses, not this IP
 			}
 			if a, ok := b.parseFrontendIP(ReasonInvalidIngressIP, "load balancer ingress IP", ing.IP); ok {
@@ -580,11 +563,8 @@ func (b *builder) frontendsOf(sp corev1.ServicePort) []frontendAddr {
 func (b *builder) entries() [][]Entry {
 	maglev := b.opts.LBAlgorithm == LBMaglev
 	var out [][]Entry
-	for _, sp := range b.svc.Spec.Ports {
+	for _, sp := range b.svc.Ports {
 		proto := sp.Protocol
-		if proto == "" {
-			proto = corev1.ProtocolTCP
-		}
 		var lp lbmap.Proto
 		switch proto {
 		case corev1.ProtocolTCP:
@@ -639,16 +619,13 @@ func (b *builder) entries() [][]Entry {
 
 // healthCheck is the Service's health check, if it has one.
 func (b *builder) healthCheck() (HealthCheck, bool) {
-	port := b.svc.Spec.HealthCheckNodePort
-	if b.svc.Spec.Type != corev1.ServiceTypeLoadBalancer || !b.externalPolicyLocal() || port < 1 || port > 65535 {
+	port := b.svc.HealthCheckNodePort
+	if b.svc.Type != corev1.ServiceTypeLoadBalancer || !b.externalPolicyLocal() || port < 1 || port > 65535 {
 		return HealthCheck{}, false
 	}
 	ready := map[netip.Addr]bool{}
-	for _, sp := range b.svc.Spec.Ports {
+	for _, sp := range b.svc.Ports {
 		proto := sp.Protocol
-		if proto == "" {
-			proto = corev1.ProtocolTCP
-		}
 		if proto != corev1.ProtocolTCP && proto != corev1.ProtocolUDP {
 			continue
 		}
@@ -666,7 +643,7 @@ func (b *builder) healthCheck() (HealthCheck, bool) {
 	return HealthCheck{Service: b.name, Port: uint16(port), LocalEndpoints: len(ready)}, true
 }
 
-func portLabel(sp corev1.ServicePort, proto corev1.Protocol) string {
+func portLabel(sp slim.ServicePort, proto corev1.Protocol) string {
 	if sp.Name != "" {
 		return fmt.Sprintf("%q (%d/%s)", sp.Name, sp.Port, proto)
 	}

@@ -36,12 +36,11 @@ import (
 	"sync/atomic"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/kpfree/kpfree/agent/lbmap"
 	"github.com/kpfree/kpfree/agent/model"
+	"github.com/kpfree/kpfree/agent/slim"
 	"github.com/kpfree/kpfree/agent/watch"
 )
 
@@ -71,7 +70,7 @@ type IncrementalSource interface {
 	// forgets them.
 	TakeDirty() []types.NamespacedName
 	// Service returns a Service's current object (nil: gone) and slices.
-	Service(key types.NamespacedName) (*corev1.Service, []*discoveryv1.EndpointSlice, error)
+	Service(key types.NamespacedName) (*slim.Service, []*slim.EndpointSlice, error)
 }
 
 // Reporter receives each model warning once (per Service generation) for as

@@ -23,6 +23,7 @@ import (
 	"github.com/kpfree/kpfree/agent/lbmap"
 	"github.com/kpfree/kpfree/agent/model"
 	"github.com/kpfree/kpfree/agent/reconcile"
+	"github.com/kpfree/kpfree/agent/slim"
 	"github.com/kpfree/kpfree/agent/watch"
 )
 
@@ -34,7 +35,10 @@ type fakeSource struct {
 	calls  int
 	svcs   map[string]*corev1.Service
 	slices map[string]*discoveryv1.EndpointSlice
-	ch     chan struct{}
+	// their slim forms, as watch.Watcher holds them
+	slimSvcs   map[string]*slim.Service
+	slimSlices map[string]*slim.EndpointSlice
+	ch         chan struct{}
 	// inc: source() returns an IncrementalSource over it; dirty holds the
 	// names changed since TakeDirty.
 	inc   bool
@@ -56,17 +60,17 @@ func (f incSource) TakeDirty() []types.NamespacedName {
 	return out
 }
 
-func (f incSource) Service(k types.NamespacedName) (*corev1.Service, []*discoveryv1.EndpointSlice, error) {
+func (f incSource) Service(k types.NamespacedName) (*slim.Service, []*slim.EndpointSlice, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.fail != nil {
 		return nil, nil, f.fail
 	}
-	var sl []*discoveryv1.EndpointSlice
-	if es := f.slices[k.Name]; es != nil {
+	var sl []*slim.EndpointSlice
+	if es := f.slimSlices[k.Name]; es != nil {
 		sl = append(sl, es)
 	}
-	return f.svcs[k.Name], sl, nil
+	return f.slimSvcs[k.Name], sl, nil
 }
 
 // source is the Source to give the Reconciler: incremental or not.
@@ -86,7 +90,7 @@ func bothModes(t *testing.T, test func(t *testing.T, inc bool)) {
 
 func newSource() *fakeSource {
 	return &fakeSource{svcs: map[string]*corev1.Service{}, slices: map[string]*discoveryv1.EndpointSlice{}, ch: make(chan struct{}, 1),
-		dirty: map[string]bool{}}
+		slimSvcs: map[string]*slim.Service{}, slimSlices: map[string]*slim.EndpointSlice{}, dirty: map[string]bool{}}
 }
 
 func (f *fakeSource) Synced() bool {
@@ -103,10 +107,10 @@ func (f *fakeSource) Snapshot() (watch.Snapshot, error) {
 	if f.fail != nil {
 		return s, f.fail
 	}
-	for _, v := range f.svcs {
+	for _, v := range f.slimSvcs {
 		s.Services = append(s.Services, v)
 	}
-	for _, v := range f.slices {
+	for _, v := range f.slimSlices {
 		s.EndpointSlices = append(s.EndpointSlices, v)
 	}
 	return s, nil
@@ -147,6 +151,7 @@ func (f *fakeSource) put(name, vip string, port int32, target int32, eps ...stri
 		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{e}})
 	}
 	f.slices[name] = es
+	f.slimSvcs[name], f.slimSlices[name] = slim.FromService(f.svcs[name]), slim.FromEndpointSlice(es)
 	f.dirty[name] = true
 	f.signalLocked()
 }
@@ -163,6 +168,8 @@ func (f *fakeSource) remove(name string) {
 	defer f.mu.Unlock()
 	delete(f.svcs, name)
 	delete(f.slices, name)
+	delete(f.slimSvcs, name)
+	delete(f.slimSlices, name)
 	f.dirty[name] = true
 	f.signalLocked()
 }
@@ -173,6 +180,7 @@ func (f *fakeSource) mutate(name string, fn func(*corev1.Service)) {
 	s := f.svcs[name].DeepCopy()
 	fn(s)
 	f.svcs[name] = s
+	f.slimSvcs[name] = slim.FromService(s)
 	f.dirty[name] = true
 	f.signalLocked()
 }
@@ -605,7 +613,7 @@ func TestIncrementalPassesTouchOnlyDirty(t *testing.T) {
 		t.Fatalf("after a failed read (the dirty set is lost): %+v", st)
 	}
 
-	svcs, sl := func() ([]*corev1.Service, []*discoveryv1.EndpointSlice) {
+	svcs, sl := func() ([]*slim.Service, []*slim.EndpointSlice) {
 		s, _ := src.Snapshot()
 		return s.Services, s.EndpointSlices
 	}()

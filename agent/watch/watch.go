@@ -1,10 +1,13 @@
-// Package watch follows the API server with client-go shared informers:
-// Services, EndpointSlices and this node's Node object. Every change raises
-// one coalesced signal and marks the Service it concerns dirty (Services by
-// their key, EndpointSlices by their kubernetes.io/service-name label); the
-// reconciler takes the dirty set and reads those Services' current state from
-// the caches when it gets to it (TakeDirty, Service), or everything
-// (Snapshot).
+// Package watch follows the API server: Services and EndpointSlices through
+// client-go reflectors into the watcher's own store of slim objects
+// (agent/slim: only what the agent reads, converted as each object arrives,
+// so no full API object outlives its event), and this node's Node object
+// through a shared informer. Every change raises one coalesced signal and
+// marks the Service it concerns dirty (Services by their key, EndpointSlices
+// by their kubernetes.io/service-name label); an update that changes nothing
+// the agent reads marks nothing. The reconciler takes the dirty set and reads
+// those Services' current state when it gets to it (TakeDirty, Service), or
+// everything (Snapshot).
 //
 // Selection follows kube-proxy: Services labelled
 // service.kubernetes.io/service-proxy-name (unless the value is our
@@ -19,22 +22,24 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/apimachinery/pkg/types"
+	apiwatch "k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
-	discoverylisters "k8s.io/client-go/listers/discovery/v1"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/kpfree/kpfree/agent/model"
+	"github.com/kpfree/kpfree/agent/slim"
 )
 
 // Options for a Watcher.
@@ -49,35 +54,32 @@ type Options struct {
 	OnNodeAddresses func()
 }
 
-// Snapshot is the current state as the informers see it. The objects belong
-// to the informer caches: read them, never modify them.
+// Snapshot is the current state as the watcher holds it. The objects are
+// shared: read them, never modify them.
 type Snapshot struct {
-	Services       []*corev1.Service
-	EndpointSlices []*discoveryv1.EndpointSlice
+	Services       []*slim.Service
+	EndpointSlices []*slim.EndpointSlice
 	Node           *corev1.Node // nil when unknown
 }
 
-// Watcher runs the informers and signals changes.
+// Watcher runs the reflectors and signals changes.
 type Watcher struct {
-	opts      Options
-	factory   informers.SharedInformerFactory
-	nodes     informers.SharedInformerFactory // nil without NodeName
-	svcLister corelisters.ServiceLister
-	esLister  discoverylisters.EndpointSliceLister
-	node      corelisters.NodeLister
-	synced    []cache.InformerSynced
-	changes   chan struct{}
+	opts       Options
+	reflectors []*cache.Reflector
+	nodes      informers.SharedInformerFactory // nil without NodeName
+	node       corelisters.NodeLister
+	nodeSynced cache.InformerSynced
+	changes    chan struct{}
+	wg         sync.WaitGroup
 
-	mu    sync.Mutex
+	svcSynced, sliceSynced atomic.Bool
+
+	mu     sync.Mutex
+	svcs   map[types.NamespacedName]*slim.Service
+	slices map[types.NamespacedName]*slim.EndpointSlice // by the slice's own namespace/name
+	// bySvc are each Service's slices (by their kubernetes.io/service-name).
+	bySvc map[types.NamespacedName][]*slim.EndpointSlice
 	dirty map[types.NamespacedName]struct{}
-	// sliceNames are the names of each Service's EndpointSlices (a
-	// client-go Indexer does the same at three times the memory).
-	sliceNames map[types.NamespacedName][]string
-}
-
-func sliceServiceKey(es *discoveryv1.EndpointSlice) (types.NamespacedName, bool) {
-	name := es.Labels[discoveryv1.LabelServiceName]
-	return types.NamespacedName{Namespace: es.Namespace, Name: name}, name != ""
 }
 
 // LabelSelector is what the API server filters Services and EndpointSlices
@@ -95,25 +97,35 @@ func LabelSelector(proxyName string) labels.Selector {
 	return sel
 }
 
-// New sets up the informers (nothing runs before Start).
+// New sets up the reflectors and the Node informer (nothing runs before
+// Start).
 func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
-	w := &Watcher{opts: o, changes: make(chan struct{}, 1), dirty: map[types.NamespacedName]struct{}{},
-		sliceNames: map[types.NamespacedName][]string{}}
+	w := &Watcher{opts: o, changes: make(chan struct{}, 1),
+		svcs: map[types.NamespacedName]*slim.Service{}, slices: map[types.NamespacedName]*slim.EndpointSlice{},
+		bySvc: map[types.NamespacedName][]*slim.EndpointSlice{}, dirty: map[types.NamespacedName]struct{}{}}
 	sel := LabelSelector(o.ProxyName).String()
-	// No informer resync: the reconciler resyncs the maps on its own
-	// schedule, and a relist brings nothing new.
-	w.factory = informers.NewSharedInformerFactoryWithOptions(cs, 0,
-		informers.WithTweakListOptions(func(lo *metav1.ListOptions) { lo.LabelSelector = sel }),
-		informers.WithTransform(Trim))
-	svcs := w.factory.Core().V1().Services()
-	eps := w.factory.Discovery().V1().EndpointSlices()
-	w.svcLister, w.esLister = svcs.Lister(), eps.Lister()
-	for _, inf := range []cache.SharedIndexInformer{svcs.Informer(), eps.Informer()} {
-		reg, err := inf.AddEventHandler(w.handler(true))
-		if err != nil {
-			return nil, fmt.Errorf("watch: %w", err)
-		}
-		w.synced = append(w.synced, reg.HasSynced)
+	tweak := func(lo metav1.ListOptions) metav1.ListOptions { lo.LabelSelector = sel; return lo }
+	// No resync: the reconciler resyncs the maps on its own schedule, and a
+	// relist brings nothing new.
+	svcLW := cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
+			return cs.CoreV1().Services("").List(ctx, tweak(lo))
+		},
+		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
+			return cs.CoreV1().Services("").Watch(ctx, tweak(lo))
+		},
+	}, cs)
+	sliceLW := cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
+			return cs.DiscoveryV1().EndpointSlices("").List(ctx, tweak(lo))
+		},
+		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
+			return cs.DiscoveryV1().EndpointSlices("").Watch(ctx, tweak(lo))
+		},
+	}, cs)
+	w.reflectors = []*cache.Reflector{
+		cache.NewReflectorWithOptions(svcLW, &corev1.Service{}, serviceStore{w}, cache.ReflectorOptions{Name: "kpfree services"}),
+		cache.NewReflectorWithOptions(sliceLW, &discoveryv1.EndpointSlice{}, sliceStore{w}, cache.ReflectorOptions{Name: "kpfree endpointslices"}),
 	}
 	if o.NodeName != "" {
 		w.nodes = informers.NewSharedInformerFactoryWithOptions(cs, 0,
@@ -123,86 +135,220 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 			informers.WithTransform(Trim))
 		nodes := w.nodes.Core().V1().Nodes()
 		w.node = nodes.Lister()
-		reg, err := nodes.Informer().AddEventHandler(w.handler(false))
+		addrsChanged := func() {
+			if o.OnNodeAddresses != nil {
+				o.OnNodeAddresses()
+			}
+		}
+		reg, err := nodes.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc: func(any) { w.signal(); addrsChanged() },
+			UpdateFunc: func(oldObj, newObj any) {
+				o1, ok1 := oldObj.(*corev1.Node)
+				n1, ok2 := newObj.(*corev1.Node)
+				if ok1 && ok2 && o1.ResourceVersion == n1.ResourceVersion {
+					return // a relist, not a change
+				}
+				w.signal()
+				if !(ok1 && ok2 && slices.Equal(o1.Status.Addresses, n1.Status.Addresses)) {
+					addrsChanged()
+				}
+			},
+			DeleteFunc: func(any) { w.signal() },
+		})
 		if err != nil {
 			return nil, fmt.Errorf("watch: %w", err)
 		}
-		w.synced = append(w.synced, reg.HasSynced)
-		if o.OnNodeAddresses != nil {
-			_, err := nodes.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-				AddFunc: func(any) { o.OnNodeAddresses() },
-				UpdateFunc: func(oldObj, newObj any) {
-					o1, ok1 := oldObj.(*corev1.Node)
-					n1, ok2 := newObj.(*corev1.Node)
-					if ok1 && ok2 && slices.Equal(o1.Status.Addresses, n1.Status.Addresses) {
-						return
-					}
-					o.OnNodeAddresses()
-				},
-			})
-			if err != nil {
-				return nil, fmt.Errorf("watch: %w", err)
-			}
-		}
+		w.nodeSynced = reg.HasSynced
 	}
 	return w, nil
 }
 
-// handler signals every change; with markDirty it also marks the Services
-// the objects concern dirty.
-func (w *Watcher) handler(markDirty bool) cache.ResourceEventHandler {
-	changed := func(gone, now any) {
-		if markDirty {
-			w.markDirty(gone, now)
-		}
-		w.signal()
+// serviceStore and sliceStore are what the reflectors write to
+// (cache.ReflectorStore): every object is converted to its slim form on
+// arrival. Trim is their transform, so the reflector's own temporary store
+// of a streamed initial list (WatchList) holds trimmed objects.
+type (
+	serviceStore struct{ w *Watcher }
+	sliceStore   struct{ w *Watcher }
+)
+
+func (s serviceStore) Add(obj any) error               { return s.w.putService(obj, false) }
+func (s serviceStore) Update(obj any) error            { return s.w.putService(obj, false) }
+func (s serviceStore) Delete(obj any) error            { return s.w.putService(obj, true) }
+func (s serviceStore) Replace(l []any, _ string) error { return s.w.replaceServices(l) }
+func (serviceStore) Resync() error                     { return nil }
+func (serviceStore) Transformer() cache.TransformFunc  { return Trim }
+
+func (s sliceStore) Add(obj any) error               { return s.w.putSlice(obj, false) }
+func (s sliceStore) Update(obj any) error            { return s.w.putSlice(obj, false) }
+func (s sliceStore) Delete(obj any) error            { return s.w.putSlice(obj, true) }
+func (s sliceStore) Replace(l []any, _ string) error { return s.w.replaceSlices(l) }
+func (sliceStore) Resync() error                     { return nil }
+func (sliceStore) Transformer() cache.TransformFunc  { return Trim }
+
+// objectKey is the namespace/name of an object the reflector hands over
+// (tombstones included).
+func objectKey(obj any) (types.NamespacedName, any, error) {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = d.Obj
 	}
-	return cache.ResourceEventHandlerFuncs{
-		AddFunc: func(obj any) { changed(nil, obj) },
-		UpdateFunc: func(oldObj, newObj any) {
-			o, ok1 := oldObj.(metav1.Object)
-			n, ok2 := newObj.(metav1.Object)
-			if ok1 && ok2 && o.GetResourceVersion() == n.GetResourceVersion() {
-				return // a relist, not a change
-			}
-			changed(oldObj, newObj) // a slice may have moved to another Service
-		},
-		DeleteFunc: func(obj any) { changed(obj, nil) },
+	m, ok := obj.(metav1.Object)
+	if !ok {
+		return types.NamespacedName{}, nil, fmt.Errorf("watch: unexpected object %T", obj)
 	}
+	return types.NamespacedName{Namespace: m.GetNamespace(), Name: m.GetName()}, obj, nil
 }
 
-// markDirty records the Services the objects concern (gone: the old state
-// or a deleted object; now: the new state; either may be nil) and keeps
-// sliceNames up to date. The caches already hold the new state when it runs.
-func (w *Watcher) markDirty(gone, now any) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	for i, obj := range []any{gone, now} {
-		if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-			obj = d.Obj
+func (w *Watcher) putService(obj any, gone bool) error {
+	k, obj, err := objectKey(obj)
+	if err != nil {
+		return err
+	}
+	var now *slim.Service
+	if !gone {
+		svc, ok := obj.(*corev1.Service)
+		if !ok {
+			return fmt.Errorf("watch: unexpected object %T in the Service store", obj)
 		}
-		switch o := obj.(type) {
-		case *corev1.Service:
-			w.dirty[types.NamespacedName{Namespace: o.Namespace, Name: o.Name}] = struct{}{}
-		case *discoveryv1.EndpointSlice:
-			k, ok := sliceServiceKey(o)
-			if !ok {
-				continue
-			}
-			w.dirty[k] = struct{}{}
-			names := w.sliceNames[k]
-			if i == 0 {
-				names = slices.DeleteFunc(names, func(n string) bool { return n == o.Name })
-			} else if !slices.Contains(names, o.Name) {
-				names = append(names, o.Name)
-			}
-			if len(names) == 0 {
-				delete(w.sliceNames, k)
-			} else {
-				w.sliceNames[k] = names
-			}
+		now = slim.FromService(svc)
+	}
+	w.mu.Lock()
+	changed := w.setServiceLocked(k, now)
+	w.mu.Unlock()
+	if changed {
+		w.signal()
+	}
+	return nil
+}
+
+// setServiceLocked stores a Service (nil: deleted) and marks it dirty if
+// the agent sees a difference.
+func (w *Watcher) setServiceLocked(k types.NamespacedName, now *slim.Service) bool {
+	old, had := w.svcs[k]
+	if now == nil {
+		if !had {
+			return false
+		}
+		delete(w.svcs, k)
+	} else {
+		if had && old.Equal(now) {
+			return false
+		}
+		w.svcs[k] = now
+	}
+	w.dirty[k] = struct{}{}
+	return true
+}
+
+func (w *Watcher) replaceServices(list []any) error {
+	next := make(map[types.NamespacedName]*slim.Service, len(list))
+	for _, obj := range list {
+		svc, ok := obj.(*corev1.Service)
+		if !ok {
+			return fmt.Errorf("watch: unexpected object %T in the Service list", obj)
+		}
+		s := slim.FromService(svc)
+		next[s.Key()] = s
+	}
+	w.mu.Lock()
+	changed := false
+	for k := range w.svcs {
+		if _, ok := next[k]; !ok {
+			changed = w.setServiceLocked(k, nil) || changed
 		}
 	}
+	for k, s := range next {
+		changed = w.setServiceLocked(k, s) || changed
+	}
+	w.mu.Unlock()
+	w.svcSynced.Store(true)
+	if changed {
+		w.signal()
+	}
+	return nil
+}
+
+func (w *Watcher) putSlice(obj any, gone bool) error {
+	k, obj, err := objectKey(obj)
+	if err != nil {
+		return err
+	}
+	var now *slim.EndpointSlice
+	if !gone {
+		es, ok := obj.(*discoveryv1.EndpointSlice)
+		if !ok {
+			return fmt.Errorf("watch: unexpected object %T in the EndpointSlice store", obj)
+		}
+		now = slim.FromEndpointSlice(es)
+	}
+	w.mu.Lock()
+	changed := w.setSliceLocked(k, now)
+	w.mu.Unlock()
+	if changed {
+		w.signal()
+	}
+	return nil
+}
+
+// setSliceLocked stores a slice (nil: deleted; one the model can never use
+// is kept as deleted), keeps bySvc up to date and marks the Services it
+// concerns dirty: both when it moved from one to another.
+func (w *Watcher) setSliceLocked(k types.NamespacedName, now *slim.EndpointSlice) bool {
+	if now != nil && !model.UsableSlice(now) {
+		now = nil
+	}
+	old, had := w.slices[k]
+	if !had && now == nil {
+		return false
+	}
+	if had && old.Equal(now) {
+		return false
+	}
+	if had {
+		sk := old.ServiceKey()
+		l := slices.DeleteFunc(w.bySvc[sk], func(e *slim.EndpointSlice) bool { return e == old })
+		if len(l) == 0 {
+			delete(w.bySvc, sk)
+		} else {
+			w.bySvc[sk] = l
+		}
+		w.dirty[sk] = struct{}{}
+		delete(w.slices, k)
+	}
+	if now != nil {
+		sk := now.ServiceKey()
+		w.slices[k] = now
+		w.bySvc[sk] = append(w.bySvc[sk], now)
+		w.dirty[sk] = struct{}{}
+	}
+	return true
+}
+
+func (w *Watcher) replaceSlices(list []any) error {
+	next := make(map[types.NamespacedName]*slim.EndpointSlice, len(list))
+	for _, obj := range list {
+		es, ok := obj.(*discoveryv1.EndpointSlice)
+		if !ok {
+			return fmt.Errorf("watch: unexpected object %T in the EndpointSlice list", obj)
+		}
+		next[types.NamespacedName{Namespace: es.Namespace, Name: es.Name}] = slim.FromEndpointSlice(es)
+	}
+	w.mu.Lock()
+	changed := false
+	for k := range w.slices {
+		if _, ok := next[k]; !ok {
+			changed = w.setSliceLocked(k, nil) || changed
+		}
+	}
+	for k, es := range next {
+		changed = w.setSliceLocked(k, es) || changed
+	}
+	w.mu.Unlock()
+	w.sliceSynced.Store(true)
+	if changed {
+		w.signal()
+	}
+	return nil
 }
 
 // TakeDirty returns the Services whose Service object or EndpointSlices
@@ -227,34 +373,12 @@ func (w *Watcher) TakeDirty() []types.NamespacedName {
 	return out
 }
 
-// Service returns a Service (nil when it is not in the cache) and its
-// EndpointSlices, from the caches: the objects belong to the caches, read
-// them, never modify them.
-func (w *Watcher) Service(key types.NamespacedName) (*corev1.Service, []*discoveryv1.EndpointSlice, error) {
-	svc, err := w.svcLister.Services(key.Namespace).Get(key.Name)
-	if apierrors.IsNotFound(err) {
-		svc, err = nil, nil
-	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("watch: get service %s: %w", key, err)
-	}
+// Service returns a Service (nil when there is none) and its EndpointSlices.
+// The objects are shared: read them, never modify them.
+func (w *Watcher) Service(key types.NamespacedName) (*slim.Service, []*slim.EndpointSlice, error) {
 	w.mu.Lock()
-	names := slices.Clone(w.sliceNames[key])
-	w.mu.Unlock()
-	sl := make([]*discoveryv1.EndpointSlice, 0, len(names))
-	for _, n := range names {
-		es, err := w.esLister.EndpointSlices(key.Namespace).Get(n)
-		if apierrors.IsNotFound(err) {
-			continue // deleted since: its handler marks the Service again
-		}
-		if err != nil {
-			return nil, nil, fmt.Errorf("watch: get endpointslice %s/%s: %w", key.Namespace, n, err)
-		}
-		if k, ok := sliceServiceKey(es); ok && k == key {
-			sl = append(sl, es)
-		}
-	}
-	return svc, sl, nil
+	defer w.mu.Unlock()
+	return w.svcs[key], slices.Clone(w.bySvc[key]), nil
 }
 
 // signal raises the change flag; a flag already up absorbs it.
@@ -269,50 +393,55 @@ func (w *Watcher) signal() {
 // since it was last received.
 func (w *Watcher) Changes() <-chan struct{} { return w.changes }
 
-// Start runs the informers until ctx ends.
+// Start runs the reflectors and the Node informer until ctx ends.
 func (w *Watcher) Start(ctx context.Context) {
-	w.factory.Start(ctx.Done())
+	for _, r := range w.reflectors {
+		w.wg.Add(1)
+		go func() {
+			defer w.wg.Done()
+			r.RunWithContext(ctx)
+		}()
+	}
 	if w.nodes != nil {
 		w.nodes.Start(ctx.Done())
 	}
 }
 
-// Shutdown waits for the informers' goroutines after ctx has ended.
+// Shutdown waits for the watcher's goroutines after ctx has ended.
 func (w *Watcher) Shutdown() {
-	w.factory.Shutdown()
+	w.wg.Wait()
 	if w.nodes != nil {
 		w.nodes.Shutdown()
 	}
 }
 
-// Synced reports whether every informer has delivered its initial list.
+// Synced reports whether the Services, EndpointSlices (and the Node, with a
+// NodeName) have been listed.
 func (w *Watcher) Synced() bool {
-	for _, s := range w.synced {
-		if !s() {
-			return false
-		}
-	}
-	return true
+	return w.svcSynced.Load() && w.sliceSynced.Load() && (w.nodeSynced == nil || w.nodeSynced())
 }
 
 // WaitForSync blocks until Synced or ctx ends, and reports which.
 func (w *Watcher) WaitForSync(ctx context.Context) bool {
-	return cache.WaitForCacheSync(ctx.Done(), w.synced...)
+	return cache.WaitForCacheSync(ctx.Done(), w.Synced)
 }
 
 // NodeName is the node the watcher was set up for.
 func (w *Watcher) NodeName() string { return w.opts.NodeName }
 
-// Snapshot lists the current state from the informer caches.
+// Snapshot returns the whole current state.
 func (w *Watcher) Snapshot() (Snapshot, error) {
 	var s Snapshot
-	var err error
-	if s.Services, err = w.svcLister.List(labels.Everything()); err != nil {
-		return s, fmt.Errorf("watch: list services: %w", err)
+	w.mu.Lock()
+	s.Services = make([]*slim.Service, 0, len(w.svcs))
+	for _, svc := range w.svcs {
+		s.Services = append(s.Services, svc)
 	}
-	if s.EndpointSlices, err = w.esLister.List(labels.Everything()); err != nil {
-		return s, fmt.Errorf("watch: list endpointslices: %w", err)
+	s.EndpointSlices = make([]*slim.EndpointSlice, 0, len(w.slices))
+	for _, es := range w.slices {
+		s.EndpointSlices = append(s.EndpointSlices, es)
 	}
+	w.mu.Unlock()
 	if w.node != nil {
 		if n, err := w.node.Get(w.opts.NodeName); err == nil {
 			s.Node = n

@@ -116,7 +116,7 @@ func TestDirtyServicesAndLookup(t *testing.T) {
 	}
 	waitDirty(a)
 	svc, sl, err := w.Service(a)
-	if err != nil || svc == nil || len(sl) != 1 || sl[0].Endpoints[0].Addresses[0] != "10.0.0.1" {
+	if err != nil || svc == nil || len(sl) != 1 || sl[0].Endpoints[0].Address != "10.0.0.1" {
 		t.Fatalf("Service(a) = %v, %v, %v", svc, sl, err)
 	}
 
@@ -133,11 +133,74 @@ func TestDirtyServicesAndLookup(t *testing.T) {
 		t.Fatalf("Service(b) = %v, %v; want no Service, one slice", svc, sl)
 	}
 
+	// An update the agent cannot see (an annotation) marks nothing.
+	cur, err := svcs.Get(ctx, "a", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.Annotations = map[string]string{"note": "x"}
+	cur.ResourceVersion = "3"
+	if _, err := svcs.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if d := w.TakeDirty(); len(d) != 0 {
+		t.Fatalf("an annotation change marked %v dirty", d)
+	}
+
 	if err := svcs.Delete(ctx, "a", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	waitDirty(a)
 	if svc, _, err := w.Service(a); svc != nil || err != nil {
 		t.Fatalf("deleted Service(a) = %v, %v", svc, err)
+	}
+}
+
+// A relist (Replace) marks only what differs from the store: a Service gone
+// from the list, a new one, a changed one; an identical one marks nothing.
+func TestReplaceMarksOnlyDifferences(t *testing.T) {
+	w, err := New(fake.NewClientset(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := func(name, ip string) *corev1.Service {
+		return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name},
+			Spec: corev1.ServiceSpec{ClusterIP: ip, Ports: []corev1.ServicePort{{Port: 80}}}}
+	}
+	st := serviceStore{w}
+	if err := st.Replace([]any{svc("same", "10.96.0.1"), svc("changed", "10.96.0.2"), svc("gone", "10.96.0.3")}, "1"); err != nil {
+		t.Fatal(err)
+	}
+	if !w.svcSynced.Load() || len(w.TakeDirty()) != 3 {
+		t.Fatal("first list: want synced and 3 dirty")
+	}
+	if err := st.Replace([]any{svc("same", "10.96.0.1"), svc("changed", "10.96.0.9"), svc("new", "10.96.0.4")}, "2"); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bool{}
+	for _, k := range w.TakeDirty() {
+		got[k.Name] = true
+	}
+	if len(got) != 3 || !got["changed"] || !got["gone"] || !got["new"] {
+		t.Fatalf("relist marked %v, want changed, gone, new", got)
+	}
+	if s, _, _ := w.Service(types.NamespacedName{Namespace: "ns", Name: "gone"}); s != nil {
+		t.Fatal("a Service missing from the relist is still there")
+	}
+	if s, _, _ := w.Service(types.NamespacedName{Namespace: "ns", Name: "changed"}); s == nil || s.ClusterIPs[0] != "10.96.0.9" {
+		t.Fatalf("changed Service = %+v", s)
+	}
+	// Unusable slices (no Service label, FQDN) are not kept at all.
+	ss := sliceStore{w}
+	if err := ss.Add(&discoveryv1.EndpointSlice{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "x"}, AddressType: discoveryv1.AddressTypeIPv4}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ss.Add(&discoveryv1.EndpointSlice{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "y",
+		Labels: map[string]string{discoveryv1.LabelServiceName: "same"}}, AddressType: discoveryv1.AddressTypeFQDN}); err != nil {
+		t.Fatal(err)
+	}
+	if snap, _ := w.Snapshot(); len(snap.EndpointSlices) != 0 || len(w.TakeDirty()) != 0 {
+		t.Fatalf("unusable slices kept: %d", len(snap.EndpointSlices))
 	}
 }
