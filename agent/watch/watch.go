@@ -74,12 +74,19 @@ type Watcher struct {
 
 	svcSynced, sliceSynced atomic.Bool
 
-	mu     sync.Mutex
-	svcs   map[types.NamespacedName]*slim.Service
+	mu sync.Mutex
+	// svcs holds each Service and its slices (by their
+	// kubernetes.io/service-name label), either may be missing.
+	svcs   map[types.NamespacedName]*entry
 	slices map[types.NamespacedName]*slim.EndpointSlice // by the slice's own namespace/name
-	// bySvc are each Service's slices (by their kubernetes.io/service-name).
-	bySvc map[types.NamespacedName][]*slim.EndpointSlice
-	dirty map[types.NamespacedName]struct{}
+	nSvcs  int                                          // entries with a Service
+	dirty  map[types.NamespacedName]struct{}
+}
+
+// entry is one Service key's state.
+type entry struct {
+	svc    *slim.Service
+	slices []*slim.EndpointSlice
 }
 
 // LabelSelector is what the API server filters Services and EndpointSlices
@@ -101,8 +108,8 @@ func LabelSelector(proxyName string) labels.Selector {
 // Start).
 func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 	w := &Watcher{opts: o, changes: make(chan struct{}, 1),
-		svcs: map[types.NamespacedName]*slim.Service{}, slices: map[types.NamespacedName]*slim.EndpointSlice{},
-		bySvc: map[types.NamespacedName][]*slim.EndpointSlice{}, dirty: map[types.NamespacedName]struct{}{}}
+		svcs: map[types.NamespacedName]*entry{}, slices: map[types.NamespacedName]*slim.EndpointSlice{},
+		dirty: map[types.NamespacedName]struct{}{}}
 	sel := LabelSelector(o.ProxyName).String()
 	tweak := func(lo metav1.ListOptions) metav1.ListOptions { lo.LabelSelector = sel; return lo }
 	// No resync: the reconciler resyncs the maps on its own schedule, and a
@@ -224,17 +231,23 @@ func (w *Watcher) putService(obj any, gone bool) error {
 // setServiceLocked stores a Service (nil: deleted) and marks it dirty if
 // the agent sees a difference.
 func (w *Watcher) setServiceLocked(k types.NamespacedName, now *slim.Service) bool {
-	old, had := w.svcs[k]
-	if now == nil {
-		if !had {
-			return false
-		}
+	e := w.svcs[k]
+	switch {
+	case e == nil && now == nil, e != nil && e.svc.Equal(now):
+		return false
+	case e == nil:
+		e = &entry{}
+		w.svcs[k] = e
+	}
+	switch {
+	case e.svc == nil:
+		w.nSvcs++
+	case now == nil:
+		w.nSvcs--
+	}
+	e.svc = now
+	if e.svc == nil && len(e.slices) == 0 {
 		delete(w.svcs, k)
-	} else {
-		if had && old.Equal(now) {
-			return false
-		}
-		w.svcs[k] = now
 	}
 	w.dirty[k] = struct{}{}
 	return true
@@ -252,8 +265,8 @@ func (w *Watcher) replaceServices(list []any) error {
 	}
 	w.mu.Lock()
 	changed := false
-	for k := range w.svcs {
-		if _, ok := next[k]; !ok {
+	for k, e := range w.svcs {
+		if _, ok := next[k]; !ok && e.svc != nil {
 			changed = w.setServiceLocked(k, nil) || changed
 		}
 	}
@@ -306,11 +319,14 @@ func (w *Watcher) setSliceLocked(k types.NamespacedName, now *slim.EndpointSlice
 	}
 	if had {
 		sk := old.ServiceKey()
-		l := slices.DeleteFunc(w.bySvc[sk], func(e *slim.EndpointSlice) bool { return e == old })
-		if len(l) == 0 {
-			delete(w.bySvc, sk)
-		} else {
-			w.bySvc[sk] = l
+		if e := w.svcs[sk]; e != nil {
+			e.slices = slices.DeleteFunc(e.slices, func(es *slim.EndpointSlice) bool { return es == old })
+			if len(e.slices) == 0 {
+				e.slices = nil
+				if e.svc == nil {
+					delete(w.svcs, sk)
+				}
+			}
 		}
 		w.dirty[sk] = struct{}{}
 		delete(w.slices, k)
@@ -318,7 +334,12 @@ func (w *Watcher) setSliceLocked(k types.NamespacedName, now *slim.EndpointSlice
 	if now != nil {
 		sk := now.ServiceKey()
 		w.slices[k] = now
-		w.bySvc[sk] = append(w.bySvc[sk], now)
+		e := w.svcs[sk]
+		if e == nil {
+			e = &entry{}
+			w.svcs[sk] = e
+		}
+		e.slices = append(e.slices, now)
 		w.dirty[sk] = struct{}{}
 	}
 	return true
@@ -378,7 +399,11 @@ func (w *Watcher) TakeDirty() []types.NamespacedName {
 func (w *Watcher) Service(key types.NamespacedName) (*slim.Service, []*slim.EndpointSlice, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.svcs[key], slices.Clone(w.bySvc[key]), nil
+	e := w.svcs[key]
+	if e == nil {
+		return nil, nil, nil
+	}
+	return e.svc, slices.Clone(e.slices), nil
 }
 
 // signal raises the change flag; a flag already up absorbs it.
@@ -433,9 +458,11 @@ func (w *Watcher) NodeName() string { return w.opts.NodeName }
 func (w *Watcher) Snapshot() (Snapshot, error) {
 	var s Snapshot
 	w.mu.Lock()
-	s.Services = make([]*slim.Service, 0, len(w.svcs))
-	for _, svc := range w.svcs {
-		s.Services = append(s.Services, svc)
+	s.Services = make([]*slim.Service, 0, w.nSvcs)
+	for _, e := range w.svcs {
+		if e.svc != nil {
+			s.Services = append(s.Services, e.svc)
+		}
 	}
 	s.EndpointSlices = make([]*slim.EndpointSlice, 0, len(w.slices))
 	for _, es := range w.slices {

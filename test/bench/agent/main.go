@@ -43,6 +43,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -90,6 +91,7 @@ func main() {
 	runtime.LockOSThread()
 	var o opts
 	flag.StringVar(&o.out, "out", "", "write the result as JSON here")
+	flag.StringVar(&o.heapProfile, "heap-profile", "", "write the agent's heap profile (pprof, in use) at the largest size here")
 	flag.StringVar(&o.sizes, "sizes", "1,10000,50000", "Service counts of the latency cells (ascending)")
 	flag.IntVar(&o.workers, "workers", 16, "parallel creates")
 	flag.IntVar(&o.requests, "requests", 5000, "ab -n per round")
@@ -114,7 +116,7 @@ func main() {
 }
 
 type opts struct {
-	out, sizes                                      string
+	out, sizes, heapProfile                         string
 	sizeList                                        []int
 	workers, requests, rounds, changes, servicesMap int
 	timeout, createBudget                           time.Duration
@@ -331,6 +333,13 @@ func run(o opts) error {
 	m := scrape(health)
 	r.HeapAllocMiB, r.HeapInuseMiB = parseF(m["go_memstats_heap_alloc_bytes"])/(1<<20), parseF(m["go_memstats_heap_inuse_bytes"])/(1<<20)
 	r.MapFull, r.SyncErrors = m["kpfree_map_full_total"], m["kpfree_sync_errors_total"]
+	if o.heapProfile != "" {
+		if err := fetchTo("http://"+health+"/debug/pprof/heap", o.heapProfile); err != nil {
+			logf("heap profile: %v", err)
+		} else {
+			logf("wrote the agent's heap profile to %s (go tool pprof -sample_index=inuse_space)", o.heapProfile)
+		}
+	}
 	logf("agent at %d Services: VmRSS %.1f MiB, kpfree_services %s, map_full %s, sync_errors %s",
 		created, r.RSSMiB, m["kpfree_services"], r.MapFull, r.SyncErrors)
 
@@ -836,7 +845,13 @@ func childMain(js string) error {
 	if err != nil {
 		return err
 	}
-	_, served, err := agent.Serve(ctx, req.Health, a.Handler(true), log)
+	mux := http.NewServeMux()
+	mux.Handle("/", a.Handler(true))
+	mux.HandleFunc("GET /debug/pprof/heap", func(w http.ResponseWriter, _ *http.Request) {
+		runtime.GC()
+		_ = pprof.Lookup("heap").WriteTo(w, 0)
+	})
+	_, served, err := agent.Serve(ctx, req.Health, mux, log)
 	if err != nil {
 		return err
 	}
@@ -848,6 +863,22 @@ func childMain(js string) error {
 }
 
 // ---- helpers ----
+
+func fetchTo(url, path string) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
 
 func rssMiB(pid int) float64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
