@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"runtime/debug"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -158,11 +159,30 @@ func (a *Agent) Run(ctx context.Context) error {
 		"selector", watch.LabelSelector(a.cfg.ProxyName).String())
 	a.watcher.Start(ctx)
 	defer a.watcher.Shutdown()
+	go a.releaseAfterFirstSync(ctx)
 	err := a.rec.Run(ctx, a.watcher.Changes())
 	if errors.Is(err, context.Canceled) {
 		return nil
 	}
 	return err
+}
+
+// releaseAfterFirstSync returns the memory of the initial lists to the
+// kernel once the first full sync is done. The listed objects were dropped
+// as soon as they were converted to their slim form, but the Go runtime
+// would keep their pages (the largest allocation the agent ever makes) for
+// minutes before its background scavenger gives them back.
+func (a *Agent) releaseAfterFirstSync(ctx context.Context) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for !a.rec.Ready() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+	debug.FreeOSMemory()
 }
 
 // Ready reports whether the first full sync is done.

@@ -18,8 +18,10 @@
 package lbmap
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"math"
 	"net/netip"
 	"slices"
@@ -327,6 +329,51 @@ func SameService(a, b Service) bool {
 func normalizeFrontend(fe Frontend) Frontend {
 	fe.Addr = fe.Addr.Unmap()
 	return fe
+}
+
+// hashSeed keys ServiceHash for the life of the process (hashes are never
+// stored).
+var hashSeed = maphash.MakeSeed()
+
+// ServiceHash is a 64-bit digest of what SameService compares: two Services
+// that are the same have the same hash, and different ones differ but with
+// probability 2^-64. It lets a caller remember what it wrote in 8 bytes per
+// frontend instead of a copy of the Service.
+func ServiceHash(s Service) uint64 {
+	if n, err := normalize(s); err == nil {
+		s = n
+	}
+	var h maphash.Hash
+	h.SetSeed(hashSeed)
+	var b [16 + 2 + 1 + 1 + 8 + 3]byte
+	put := func(a netip.Addr, port uint16) {
+		a16 := a.As16()
+		copy(b[:16], a16[:])
+		binary.LittleEndian.PutUint16(b[16:], port)
+	}
+	put(s.Frontend.Addr, s.Frontend.Port)
+	b[18], b[19] = byte(s.Frontend.Proto), byte(s.Frontend.Scope)
+	binary.LittleEndian.PutUint64(b[20:], uint64(s.Affinity))
+	b[28], b[29], b[30] = boolByte(s.External), boolByte(s.LocalOnly), boolByte(s.Maglev)
+	_, _ = h.Write(b[:])
+	for _, be := range s.Backends {
+		put(be.Addr, be.Port)
+		b[18] = boolByte(be.Local)
+		_, _ = h.Write(b[:19])
+	}
+	_ = h.WriteByte(0xff) // backends end here
+	for _, p := range s.SourceRanges {
+		put(p.Addr(), uint16(p.Bits()))
+		_, _ = h.Write(b[:18])
+	}
+	return h.Sum64()
+}
+
+func boolByte(v bool) byte {
+	if v {
+		return 1
+	}
+	return 0
 }
 
 // affinitySeconds rounds up to whole seconds.

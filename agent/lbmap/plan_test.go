@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
+	"time"
 )
 
 func opStrings(ops []op) []string {
@@ -173,5 +174,58 @@ func TestIDAllocNextFitReuse(t *testing.T) {
 	r.take(3)
 	if id, _ := r.alloc(); id != 8 {
 		t.Fatalf("after restore got %d, want 8", id)
+	}
+}
+
+// ServiceHash agrees with SameService: the same Service written in another
+// form (IPv4-mapped addresses, an IPv4-mapped source range) hashes equal,
+// and every field SameService compares changes the hash.
+func TestServiceHashFollowsSameService(t *testing.T) {
+	base := Service{
+		Frontend: Frontend{Addr: netip.MustParseAddr("192.0.2.10"), Port: 80, Proto: TCP},
+		Backends: []Backend{{Addr: netip.MustParseAddr("10.244.0.1"), Port: 8080}, {Addr: netip.MustParseAddr("10.244.0.2"), Port: 8080, Local: true}},
+		Affinity: 3 * time.Hour, External: true, SourceRanges: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")},
+	}
+	clone := func() Service {
+		s := base
+		s.Backends = slices.Clone(base.Backends)
+		s.SourceRanges = slices.Clone(base.SourceRanges)
+		return s
+	}
+	same := clone()
+	same.Frontend.Addr = netip.MustParseAddr("::ffff:192.0.2.10")
+	same.Backends[0].Addr = netip.MustParseAddr("::ffff:10.244.0.1")
+	same.SourceRanges = []netip.Prefix{netip.MustParsePrefix("::ffff:198.51.100.0/120")}
+	same.RevNatID = 7 // not compared
+	if !SameService(base, same) || ServiceHash(base) != ServiceHash(same) {
+		t.Fatalf("the same Service in another form: SameService %v, hashes %x %x", SameService(base, same), ServiceHash(base), ServiceHash(same))
+	}
+	for name, mut := range map[string]func(*Service){
+		"frontend addr": func(s *Service) { s.Frontend.Addr = netip.MustParseAddr("192.0.2.11") },
+		"frontend port": func(s *Service) { s.Frontend.Port = 81 },
+		"protocol":      func(s *Service) { s.Frontend.Proto = UDP },
+		"scope":         func(s *Service) { s.Frontend.Scope = ScopeExternal },
+		"affinity":      func(s *Service) { s.Affinity = time.Hour },
+		"local only":    func(s *Service) { s.LocalOnly = true },
+		"maglev":        func(s *Service) { s.Maglev = true },
+		"backend order": func(s *Service) { s.Backends[0], s.Backends[1] = s.Backends[1], s.Backends[0] },
+		"backend local": func(s *Service) { s.Backends[0].Local = true },
+		"backend port":  func(s *Service) { s.Backends[1].Port = 8081 },
+		"one backend":   func(s *Service) { s.Backends = s.Backends[:1] },
+		"source range":  func(s *Service) { s.SourceRanges[0] = netip.MustParsePrefix("198.51.100.0/25") },
+		"no range":      func(s *Service) { s.SourceRanges = nil },
+		"range->backend": func(s *Service) {
+			s.SourceRanges = nil
+			s.Backends = append(s.Backends, Backend{Addr: netip.MustParseAddr("198.51.100.0"), Port: 24})
+		},
+	} {
+		s := clone()
+		mut(&s)
+		if SameService(base, s) {
+			t.Fatalf("%s: SameService still true", name)
+		}
+		if ServiceHash(base) == ServiceHash(s) {
+			t.Errorf("%s: hash unchanged", name)
+		}
 	}
 }

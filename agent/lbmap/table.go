@@ -81,6 +81,13 @@ func newTable(st store, c Capacity) (*Table, error) {
 	return t, nil
 }
 
+// BackendCount is the number of distinct backends in the maps.
+func (t *Table) BackendCount() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.backends)
+}
+
 // Upsert implements [Maps].
 func (t *Table) Upsert(svc Service) error {
 	svc, err := normalize(svc)

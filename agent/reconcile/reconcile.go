@@ -142,12 +142,12 @@ type Stats struct {
 type Reconciler struct {
 	cfg Config
 
-	mu      sync.Mutex // one pass at a time
-	maps    lbmap.Maps
-	index   *model.Index
-	applied map[lbmap.Frontend]lbmap.Service // nil until the first full pass
-	// backendRefs counts the applied Services per backend (Stats.Backends).
-	backendRefs map[lbmap.Backend]int
+	mu    sync.Mutex // one pass at a time
+	maps  lbmap.Maps
+	index *model.Index
+	// applied is what was written: each frontend's lbmap.ServiceHash (8
+	// bytes instead of a copy of the Service); nil until the first full pass.
+	applied map[lbmap.Frontend]uint64
 	// retry holds frontends whose last write failed (incremental passes
 	// write them again).
 	retry map[lbmap.Frontend]struct{}
@@ -179,7 +179,7 @@ func New(cfg Config) *Reconciler {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	cfg.Model.NodeName = cfg.NodeName
-	return &Reconciler{cfg: cfg, maps: cfg.Maps, index: model.NewIndex(), backendRefs: map[lbmap.Backend]int{},
+	return &Reconciler{cfg: cfg, maps: cfg.Maps, index: model.NewIndex(),
 		retry: map[lbmap.Frontend]struct{}{}, kick: make(chan struct{}, 1)}
 }
 
@@ -284,7 +284,9 @@ func (r *Reconciler) Reconcile(full bool) (Stats, error) {
 	}
 	st.NewWarnings = r.report(delta.NewWarnings)
 	st.Services = len(r.applied)
-	st.Backends = len(r.backendRefs)
+	if bc, ok := r.maps.(interface{ BackendCount() int }); ok {
+		st.Backends = bc.BackendCount()
+	}
 	if r.cfg.OnHealthChecks != nil {
 		r.cfg.OnHealthChecks(r.index.HealthChecks())
 	}
@@ -300,51 +302,18 @@ func (r *Reconciler) Reconcile(full bool) (Stats, error) {
 	return st, nil
 }
 
-// setApplied and unsetApplied keep applied and backendRefs in step.
+// setApplied and unsetApplied keep applied up to date.
 func (r *Reconciler) setApplied(s lbmap.Service) {
-	k := key(s.Frontend)
-	if old, ok := r.applied[k]; ok {
-		r.unrefBackends(old)
-	}
-	r.applied[k] = s
-	for _, b := range distinctOf(s.Backends) {
-		r.backendRefs[b]++
-	}
+	r.applied[key(s.Frontend)] = lbmap.ServiceHash(s)
 }
 
 func (r *Reconciler) unsetApplied(fe lbmap.Frontend) {
-	k := key(fe)
-	if old, ok := r.applied[k]; ok {
-		r.unrefBackends(old)
-		delete(r.applied, k)
-	}
-}
-
-func (r *Reconciler) unrefBackends(s lbmap.Service) {
-	for _, b := range distinctOf(s.Backends) {
-		if r.backendRefs[b]--; r.backendRefs[b] <= 0 {
-			delete(r.backendRefs, b)
-		}
-	}
+	delete(r.applied, key(fe))
 }
 
 func (r *Reconciler) resetApplied(n int) {
-	r.applied = make(map[lbmap.Frontend]lbmap.Service, n)
-	r.backendRefs = map[lbmap.Backend]int{}
+	r.applied = make(map[lbmap.Frontend]uint64, n)
 	clear(r.retry)
-}
-
-// distinctOf returns the backends without repeats, IPv4-mapped addresses
-// unmapped.
-func distinctOf(bs []lbmap.Backend) []lbmap.Backend {
-	out := make([]lbmap.Backend, 0, len(bs))
-	for _, b := range bs {
-		b.Addr = b.Addr.Unmap()
-		if !slices.Contains(out, b) {
-			out = append(out, b)
-		}
-	}
-	return out
 }
 
 // full makes the maps hold exactly desired.
@@ -473,7 +442,7 @@ func (r *Reconciler) write(gone []lbmap.Frontend, set []lbmap.Service, st *Stats
 	}
 	for _, s := range set {
 		k := key(s.Frontend)
-		if cur, ok := r.applied[k]; ok && sameService(cur, s) {
+		if cur, ok := r.applied[k]; ok && cur == lbmap.ServiceHash(s) {
 			continue
 		}
 		st.Upserts++
@@ -642,16 +611,14 @@ func key(fe lbmap.Frontend) lbmap.Frontend {
 	return fe
 }
 
-func sameService(a, b lbmap.Service) bool { return lbmap.SameService(a, b) }
-
 // sameState compares a Dump with the applied set.
-func sameState(dump []lbmap.Service, applied map[lbmap.Frontend]lbmap.Service) bool {
+func sameState(dump []lbmap.Service, applied map[lbmap.Frontend]uint64) bool {
 	if len(dump) != len(applied) {
 		return false
 	}
 	for _, s := range dump {
-		a, ok := applied[key(s.Frontend)]
-		if !ok || !sameService(a, s) {
+		h, ok := applied[key(s.Frontend)]
+		if !ok || h != lbmap.ServiceHash(s) {
 			return false
 		}
 	}
