@@ -81,6 +81,13 @@ func newTable(st store, c Capacity) (*Table, error) {
 	return t, nil
 }
 
+// Len is the number of Services (frontends) in the maps.
+func (t *Table) Len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.svcs)
+}
+
 // BackendCount is the number of distinct backends in the maps.
 func (t *Table) BackendCount() int {
 	t.mu.Lock()

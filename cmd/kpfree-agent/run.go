@@ -183,8 +183,8 @@ func runAgent(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("restore from pinned maps: %w", err)
 	}
-	if d, err := maps.Dump(); err == nil {
-		log.Info("restored from pinned maps; serving them until the first sync", "services", len(d))
+	if n := maps.Len(); n > 0 {
+		log.Info("restored from pinned maps; serving them until the first sync", "services", n)
 	}
 
 	restCfg.UserAgent = agent.Component + "/" + version.Get()
