@@ -163,7 +163,9 @@ func run(o opts) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("lab up: %w", err)
 	}
-	cp, err := kubeenv.Start(ctx, kubeenv.Options{Dir: filepath.Join(dir, "cp"), BindAddress: s.Gateway.String()})
+	// BulkServices: -services 50,000, which the 1.34 ClusterIP allocator
+	// creates in quadratic time (see kubeenv.Options.BulkServices).
+	cp, err := kubeenv.Start(ctx, kubeenv.Options{Dir: filepath.Join(dir, "cp"), BindAddress: s.Gateway.String(), BulkServices: true})
 	if err != nil {
 		return nil, err
 	}
