@@ -116,6 +116,7 @@ func New(cfg Config) (*Agent, error) {
 		Model: model.Options{ProxyName: cfg.ProxyName, LBAlgorithm: cfg.LBAlgorithm,
 			LoopbackNodePort: cfg.LoopbackNodePort, NodeAddrs: cfg.NodeAddrs},
 		OnHealthChecks: cfg.OnHealthChecks,
+		AfterRebuild:   releaseMemory,
 		Gate:           cfg.Gate,
 		Reporter:       reporter,
 		Metrics:        reconcile.NewMetrics(a.registry),
@@ -125,6 +126,16 @@ func New(cfg Config) (*Agent, error) {
 	})
 	return a, nil
 }
+
+// releaseMemory returns the heap's free pages to the kernel after a pass
+// that rebuilt the model. The first one follows the initial lists, the
+// largest allocation the agent ever makes (the listed objects are dropped as
+// soon as they are converted to their slim form); the periodic ones leave the
+// previous model as garbage. With the default GOGC the heap would otherwise
+// grow to twice the live model and the runtime keep those pages, so the RSS
+// would follow the heap goal rather than what the agent holds. It costs one
+// forced GC per full pass (every 5 min by default).
+func releaseMemory() { debug.FreeOSMemory() }
 
 // SetNodeAddrs changes the addresses NodePorts are served on.
 func (a *Agent) SetNodeAddrs(addrs []netip.Addr) { a.rec.SetNodeAddrs(addrs) }
@@ -159,30 +170,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		"selector", watch.LabelSelector(a.cfg.ProxyName).String())
 	a.watcher.Start(ctx)
 	defer a.watcher.Shutdown()
-	go a.releaseAfterFirstSync(ctx)
 	err := a.rec.Run(ctx, a.watcher.Changes())
 	if errors.Is(err, context.Canceled) {
 		return nil
 	}
 	return err
-}
-
-// releaseAfterFirstSync returns the memory of the initial lists to the
-// kernel once the first full sync is done. The listed objects were dropped
-// as soon as they were converted to their slim form, but the Go runtime
-// would keep their pages (the largest allocation the agent ever makes) for
-// minutes before its background scavenger gives them back.
-func (a *Agent) releaseAfterFirstSync(ctx context.Context) {
-	t := time.NewTicker(50 * time.Millisecond)
-	defer t.Stop()
-	for !a.rec.Ready() {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
-	debug.FreeOSMemory()
 }
 
 // Ready reports whether the first full sync is done.

@@ -105,8 +105,12 @@ type Config struct {
 	// the maps were written (cheap: the Index keeps the list between
 	// changes). The slice is shared: do not modify it.
 	OnHealthChecks func([]model.HealthCheck)
-	Metrics        *Metrics // nil: none
-	Log            *slog.Logger
+	// AfterRebuild, if set, is called by Run after every pass that rebuilt
+	// the model (full and rebuild passes), once the pass is done: the
+	// previous model and the pass's scratch are garbage then.
+	AfterRebuild func()
+	Metrics      *Metrics // nil: none
+	Log          *slog.Logger
 
 	// MinInterval is the shortest time between two passes: changes that
 	// arrive meanwhile are batched (default 100 ms).
@@ -509,7 +513,7 @@ func (r *Reconciler) Run(ctx context.Context, changes <-chan struct{}) error {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	log.Info("informers synced", "after", time.Since(t0).Round(time.Millisecond))
+	log.Info("lists synced", "after", time.Since(t0).Round(time.Millisecond))
 
 	var (
 		pending  bool      // changes not yet processed
@@ -547,6 +551,9 @@ func (r *Reconciler) Run(ctx context.Context, changes <-chan struct{}) error {
 			}
 			pending = false
 			r.pendingSince.Store(0)
+			if st.Mode != "incremental" && r.cfg.AfterRebuild != nil {
+				r.cfg.AfterRebuild()
+			}
 			if full {
 				nextFull = lastRun.Add(r.cfg.ResyncInterval)
 				if !r.Ready() {

@@ -24,6 +24,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -91,6 +92,7 @@ func main() {
 	runtime.LockOSThread()
 	var o opts
 	flag.StringVar(&o.out, "out", "", "write the result as JSON here")
+	flag.StringVar(&o.logDir, "log-dir", "", "keep the agent children's logs here (default: a temporary directory, removed)")
 	flag.StringVar(&o.heapProfile, "heap-profile", "", "write the agent's heap profile (pprof, in use) at the largest size here")
 	flag.StringVar(&o.sizes, "sizes", "1,10000,50000", "Service counts of the latency cells (ascending)")
 	flag.IntVar(&o.workers, "workers", 16, "parallel creates")
@@ -100,6 +102,8 @@ func main() {
 	flag.IntVar(&o.servicesMap, "services-map", 262144, "services map entries for the agent child (binary default: 65536)")
 	flag.DurationVar(&o.createBudget, "create-budget", 12*time.Minute, "bound on the creates of one cell; when it runs out the cell is measured at the count reached")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "bound on the whole run")
+	flag.DurationVar(&o.steady, "steady", time.Minute, "after the restart, how long the restarted agent runs with a full pass every -steady-resync before its memory is read again (0: skip)")
+	flag.DurationVar(&o.steadyResync, "steady-resync", 15*time.Second, "the restarted agent's resync interval (the agent's default is 5m)")
 	flag.Parse()
 	for _, s := range strings.Split(o.sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
@@ -116,10 +120,10 @@ func main() {
 }
 
 type opts struct {
-	out, sizes, heapProfile                         string
+	out, sizes, heapProfile, logDir                 string
 	sizeList                                        []int
 	workers, requests, rounds, changes, servicesMap int
-	timeout, createBudget                           time.Duration
+	timeout, createBudget, steady, steadyResync     time.Duration
 }
 
 // ---- result ----
@@ -156,6 +160,15 @@ type result struct {
 	FullSyncS       float64 `json:"fullSyncSecondsMetric"` // kpfree_sync_duration_seconds{mode=full} of the restarted agent
 	RSSMiB          float64 `json:"rssMiB"`
 	RSSAfterRestart float64 `json:"rssAfterRestartMiB"`
+	// The restarted agent after SteadySeconds with a full pass (model
+	// rebuild, maps compared) every SteadyResyncSeconds: VmRSS then, and
+	// VmHWM, its peak RSS since it started (initial list included).
+	SteadySeconds       float64 `json:"steadySeconds,omitempty"`
+	SteadyResyncSeconds float64 `json:"steadyResyncSeconds,omitempty"`
+	SteadyFullPasses    float64 `json:"steadyFullPasses,omitempty"`
+	RSSSteadyMiB        float64 `json:"rssSteadyMiB,omitempty"`
+	HWMMiB              float64 `json:"peakRSSMiB,omitempty"`
+	HeapAllocSteadyMiB  float64 `json:"heapAllocSteadyMiB,omitempty"`
 	// Go heap of the agent when RSS was read (go_memstats_*): live heap
 	// and what the heap spans hold; RSS minus heap in use is runtime,
 	// stacks, code and freed memory not yet returned to the kernel.
@@ -253,10 +266,14 @@ func run(o opts) error {
 		logf("cgroup %s left behind", cgroup)
 	}()
 
+	logDir := cmp.Or(o.logDir, dir)
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return err
+	}
 	health := fmt.Sprintf("127.0.0.1:%d", freePort())
 	ch := childReq{Kubeconfig: cp.Kubeconfig, Server: cp.URL, Cgroup: cgroup, BPFFS: bpffs, Health: health,
 		Node: "bench-node", ServicesMap: uint32(o.servicesMap)}
-	ag, err := startChild(ctx, ch, filepath.Join(dir, "agent-1.log"))
+	ag, err := startChild(ctx, ch, filepath.Join(logDir, "agent-1.log"))
 	if err != nil {
 		return err
 	}
@@ -304,7 +321,7 @@ func run(o opts) error {
 		c.CreatedObjects = 2 * (n - created)
 		created = n
 		if bulk {
-			if ag, err = startChild(ctx, ch, filepath.Join(dir, fmt.Sprintf("agent-cell%d.log", ci))); err != nil {
+			if ag, err = startChild(ctx, ch, filepath.Join(logDir, fmt.Sprintf("agent-cell%d.log", ci))); err != nil {
 				return err
 			}
 			defer ag.kill()
@@ -369,7 +386,8 @@ func run(o opts) error {
 	if err := ag.term(); err != nil {
 		return err
 	}
-	ag2, err := startChild(ctx, ch, filepath.Join(dir, "agent-2.log"))
+	ch.Resync = o.steadyResync
+	ag2, err := startChild(ctx, ch, filepath.Join(logDir, "agent-2.log"))
 	if err != nil {
 		return err
 	}
@@ -387,6 +405,21 @@ func run(o opts) error {
 	logf("restart at %d Services: start -> readyz %.2f s; full sync (metric) %.3f s; VmRSS %.1f MiB", created, r.RestartReadyS, r.FullSyncS, r.RSSAfterRestart)
 	if err := waitCount(ctx, maps, vipOf(tested), 2, 10*time.Second); err != nil {
 		return fmt.Errorf("after restart: %w", err)
+	}
+	if o.steady > 0 {
+		f0 := parseF(scrape(health)[`kpfree_sync_duration_seconds_count{mode="full"}`])
+		select {
+		case <-time.After(o.steady):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		m = scrape(health)
+		r.SteadySeconds, r.SteadyResyncSeconds = o.steady.Seconds(), o.steadyResync.Seconds()
+		r.SteadyFullPasses = parseF(m[`kpfree_sync_duration_seconds_count{mode="full"}`]) - f0
+		r.RSSSteadyMiB, r.HWMMiB = procMiB(ag2.cmd.Process.Pid, "VmRSS"), procMiB(ag2.cmd.Process.Pid, "VmHWM")
+		r.HeapAllocSteadyMiB = parseF(m["go_memstats_heap_alloc_bytes"]) / (1 << 20)
+		logf("restarted agent after %s with %v full passes: VmRSS %.1f MiB, peak (VmHWM) %.1f MiB, heap alloc %.1f MiB",
+			o.steady, r.SteadyFullPasses, r.RSSSteadyMiB, r.HWMMiB, r.HeapAllocSteadyMiB)
 	}
 	_ = ag2.term()
 
@@ -418,6 +451,11 @@ func printTable(r result) {
 	fmt.Printf("agent VmRSS at %d Services: %.1f MiB, after restart %.1f MiB (goal < %.0f MiB: %s); Go heap alloc/inuse %.1f/%.1f MiB, after restart %.1f/%.1f MiB\n",
 		r.ChangeServices, r.RSSMiB, r.RSSAfterRestart, r.GoalRSSMiB, verdict(max(r.RSSMiB, r.RSSAfterRestart) < r.GoalRSSMiB),
 		r.HeapAllocMiB, r.HeapInuseMiB, r.HeapAllocRestartMiB, r.HeapInuseRestartMiB)
+	if r.SteadySeconds > 0 {
+		fmt.Printf("restarted agent after %.0f s with a full pass every %.0f s (%.0f passes): VmRSS %.1f MiB, peak RSS since start %.1f MiB (goal < %.0f MiB: %s), heap alloc %.1f MiB\n",
+			r.SteadySeconds, r.SteadyResyncSeconds, r.SteadyFullPasses, r.RSSSteadyMiB, r.HWMMiB, r.GoalRSSMiB,
+			verdict(max(r.RSSSteadyMiB, r.HWMMiB) < r.GoalRSSMiB), r.HeapAllocSteadyMiB)
+	}
 	fmt.Printf("map_full_total %s, sync_errors_total %s\n", r.MapFull, r.SyncErrors)
 	for _, n := range r.Notes {
 		fmt.Println("note:", n)
@@ -720,6 +758,7 @@ func ab(ctx context.Context, cgroup, nsName, url string, n int) (abResult, error
 type childReq struct {
 	Kubeconfig, Server, Cgroup, BPFFS, Health, Node string
 	ServicesMap                                     uint32
+	Resync                                          time.Duration // 0: 5 min
 }
 
 type child struct {
@@ -843,7 +882,7 @@ func childMain(js string) error {
 		return err
 	}
 	a, err := agent.New(agent.Config{Client: client, Maps: maps, Reload: func() (lbmap.Maps, error) { return lbmap.New(dp.Maps) },
-		NodeName: req.Node, MinSyncInterval: 100 * time.Millisecond, ResyncInterval: 5 * time.Minute, Log: log})
+		NodeName: req.Node, MinSyncInterval: 100 * time.Millisecond, ResyncInterval: cmp.Or(req.Resync, 5*time.Minute), Log: log})
 	if err != nil {
 		return err
 	}
@@ -882,13 +921,16 @@ func fetchTo(url, path string) error {
 	return os.WriteFile(path, b, 0o644)
 }
 
-func rssMiB(pid int) float64 {
+func rssMiB(pid int) float64 { return procMiB(pid, "VmRSS") }
+
+// procMiB reads a /proc/PID/status memory field (VmRSS, VmHWM) in MiB.
+func procMiB(pid int, field string) float64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return -1
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "VmRSS:") {
+		if strings.HasPrefix(l, field+":") {
 			f := strings.Fields(l)
 			kb, _ := strconv.ParseFloat(f[1], 64)
 			return kb / 1024
