@@ -116,7 +116,15 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 	// relist brings nothing new.
 	svcLW := cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
-			return cs.CoreV1().Services("").List(ctx, tweak(lo))
+			l, err := cs.CoreV1().Services("").List(ctx, pageOptions(tweak(lo)))
+			if err != nil {
+				return nil, err
+			}
+			out := &slimList{ListMeta: l.ListMeta, Items: make([]slimItem, len(l.Items))}
+			for i := range l.Items {
+				out.Items[i] = slimItemOf(&l.Items[i])
+			}
+			return out, nil
 		},
 		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
 			return cs.CoreV1().Services("").Watch(ctx, tweak(lo))
@@ -124,7 +132,15 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 	}, cs)
 	sliceLW := cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
-			return cs.DiscoveryV1().EndpointSlices("").List(ctx, tweak(lo))
+			l, err := cs.DiscoveryV1().EndpointSlices("").List(ctx, pageOptions(tweak(lo)))
+			if err != nil {
+				return nil, err
+			}
+			out := &slimList{ListMeta: l.ListMeta, Items: make([]slimItem, len(l.Items))}
+			for i := range l.Items {
+				out.Items[i] = slimItemOf(&l.Items[i])
+			}
+			return out, nil
 		},
 		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
 			return cs.DiscoveryV1().EndpointSlices("").Watch(ctx, tweak(lo))
@@ -170,10 +186,82 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 	return w, nil
 }
 
+// pageSize is how many objects one list request asks for.
+const pageSize = 500
+
+// pageOptions makes the initial list paginated. The reflector lists first
+// with resourceVersion "0" (any version), which the API server answers from
+// its watch cache in one response whatever the limit: 50,000 Services and
+// their slices decoded at once, ~200 MiB for a moment. A consistent read
+// ("") honours the limit, and the reflector's pager follows the continue
+// tokens; each page is converted to slim objects before the next is
+// requested (see the list functions in New), so a list holds at most one
+// page of API objects. The consistent read is stricter than "0", never
+// staler. Relists at a known resourceVersion are left as the reflector
+// makes them.
+func pageOptions(lo metav1.ListOptions) metav1.ListOptions {
+	if lo.ResourceVersion == "0" && lo.Continue == "" {
+		lo.ResourceVersion, lo.ResourceVersionMatch = "", ""
+		if lo.Limit == 0 {
+			lo.Limit = pageSize
+		}
+	}
+	return lo
+}
+
+// slimList is one page of a list in slim form, the shape the reflector's
+// pager collects (a list object with Items); slimItem is one of its objects,
+// with the namespace and name the reflector's stores key by.
+type slimList struct {
+	metav1.TypeMeta
+	metav1.ListMeta
+	Items []slimItem
+}
+
+type slimItem struct {
+	metav1.TypeMeta
+	metav1.ObjectMeta // namespace and name only
+	svc               *slim.Service
+	es                *slim.EndpointSlice
+}
+
+func (l *slimList) DeepCopyObject() runtime.Object {
+	c := *l
+	c.Items = slices.Clone(l.Items)
+	return &c
+}
+
+func (i *slimItem) DeepCopyObject() runtime.Object {
+	c := *i
+	return &c
+}
+
+// slimItemOf converts a Service or an EndpointSlice (anything else gives an
+// empty item, which the stores refuse).
+func slimItemOf(obj any) slimItem {
+	switch o := obj.(type) {
+	case *corev1.Service:
+		return slimItem{ObjectMeta: metav1.ObjectMeta{Namespace: o.Namespace, Name: o.Name}, svc: slim.FromService(o)}
+	case *discoveryv1.EndpointSlice:
+		return slimItem{ObjectMeta: metav1.ObjectMeta{Namespace: o.Namespace, Name: o.Name}, es: slim.FromEndpointSlice(o)}
+	}
+	return slimItem{}
+}
+
+// toSlim is the reflectors' transform: a streamed initial list (WatchList),
+// which the reflector gathers in a store of its own, holds slim objects too.
+func toSlim(obj any) (any, error) {
+	switch obj.(type) {
+	case *corev1.Service, *discoveryv1.EndpointSlice:
+		it := slimItemOf(obj)
+		return &it, nil
+	}
+	return obj, nil
+}
+
 // serviceStore and sliceStore are what the reflectors write to
 // (cache.ReflectorStore): every object is converted to its slim form on
-// arrival. Trim is their transform, so the reflector's own temporary store
-// of a streamed initial list (WatchList) holds trimmed objects.
+// arrival, unless a list or the transform already did.
 type (
 	serviceStore struct{ w *Watcher }
 	sliceStore   struct{ w *Watcher }
@@ -184,14 +272,14 @@ func (s serviceStore) Update(obj any) error            { return s.w.putService(o
 func (s serviceStore) Delete(obj any) error            { return s.w.putService(obj, true) }
 func (s serviceStore) Replace(l []any, _ string) error { return s.w.replaceServices(l) }
 func (serviceStore) Resync() error                     { return nil }
-func (serviceStore) Transformer() cache.TransformFunc  { return Trim }
+func (serviceStore) Transformer() cache.TransformFunc  { return toSlim }
 
 func (s sliceStore) Add(obj any) error               { return s.w.putSlice(obj, false) }
 func (s sliceStore) Update(obj any) error            { return s.w.putSlice(obj, false) }
 func (s sliceStore) Delete(obj any) error            { return s.w.putSlice(obj, true) }
 func (s sliceStore) Replace(l []any, _ string) error { return s.w.replaceSlices(l) }
 func (sliceStore) Resync() error                     { return nil }
-func (sliceStore) Transformer() cache.TransformFunc  { return Trim }
+func (sliceStore) Transformer() cache.TransformFunc  { return toSlim }
 
 // objectKey is the namespace/name of an object the reflector hands over
 // (tombstones included).
@@ -206,6 +294,33 @@ func objectKey(obj any) (types.NamespacedName, any, error) {
 	return types.NamespacedName{Namespace: m.GetNamespace(), Name: m.GetName()}, obj, nil
 }
 
+// asService returns the slim form of a Service as the reflector hands it
+// over: an API object (watch events) or already converted (lists).
+func asService(obj any) (*slim.Service, error) {
+	switch o := obj.(type) {
+	case *corev1.Service:
+		return slim.FromService(o), nil
+	case *slimItem:
+		if o.svc != nil {
+			return o.svc, nil
+		}
+	}
+	return nil, fmt.Errorf("watch: unexpected object %T in the Service store", obj)
+}
+
+// asSlice is asService for EndpointSlices.
+func asSlice(obj any) (*slim.EndpointSlice, error) {
+	switch o := obj.(type) {
+	case *discoveryv1.EndpointSlice:
+		return slim.FromEndpointSlice(o), nil
+	case *slimItem:
+		if o.es != nil {
+			return o.es, nil
+		}
+	}
+	return nil, fmt.Errorf("watch: unexpected object %T in the EndpointSlice store", obj)
+}
+
 func (w *Watcher) putService(obj any, gone bool) error {
 	k, obj, err := objectKey(obj)
 	if err != nil {
@@ -213,11 +328,9 @@ func (w *Watcher) putService(obj any, gone bool) error {
 	}
 	var now *slim.Service
 	if !gone {
-		svc, ok := obj.(*corev1.Service)
-		if !ok {
-			return fmt.Errorf("watch: unexpected object %T in the Service store", obj)
+		if now, err = asService(obj); err != nil {
+			return err
 		}
-		now = slim.FromService(svc)
 	}
 	w.mu.Lock()
 	changed := w.setServiceLocked(k, now)
@@ -256,11 +369,10 @@ func (w *Watcher) setServiceLocked(k types.NamespacedName, now *slim.Service) bo
 func (w *Watcher) replaceServices(list []any) error {
 	next := make(map[types.NamespacedName]*slim.Service, len(list))
 	for _, obj := range list {
-		svc, ok := obj.(*corev1.Service)
-		if !ok {
-			return fmt.Errorf("watch: unexpected object %T in the Service list", obj)
+		s, err := asService(obj)
+		if err != nil {
+			return err
 		}
-		s := slim.FromService(svc)
 		next[s.Key()] = s
 	}
 	w.mu.Lock()
@@ -288,11 +400,9 @@ func (w *Watcher) putSlice(obj any, gone bool) error {
 	}
 	var now *slim.EndpointSlice
 	if !gone {
-		es, ok := obj.(*discoveryv1.EndpointSlice)
-		if !ok {
-			return fmt.Errorf("watch: unexpected object %T in the EndpointSlice store", obj)
+		if now, err = asSlice(obj); err != nil {
+			return err
 		}
-		now = slim.FromEndpointSlice(es)
 	}
 	w.mu.Lock()
 	changed := w.setSliceLocked(k, now)
@@ -348,11 +458,11 @@ func (w *Watcher) setSliceLocked(k types.NamespacedName, now *slim.EndpointSlice
 func (w *Watcher) replaceSlices(list []any) error {
 	next := make(map[types.NamespacedName]*slim.EndpointSlice, len(list))
 	for _, obj := range list {
-		es, ok := obj.(*discoveryv1.EndpointSlice)
-		if !ok {
-			return fmt.Errorf("watch: unexpected object %T in the EndpointSlice list", obj)
+		es, err := asSlice(obj)
+		if err != nil {
+			return err
 		}
-		next[types.NamespacedName{Namespace: es.Namespace, Name: es.Name}] = slim.FromEndpointSlice(es)
+		next[types.NamespacedName{Namespace: es.Namespace, Name: es.Name}] = es
 	}
 	w.mu.Lock()
 	changed := false
