@@ -275,6 +275,13 @@ func (cp *ControlPlane) Stop() {
 	}
 }
 
+func procOf(c *exec.Cmd) *os.Process {
+	if c == nil {
+		return nil
+	}
+	return c.Process
+}
+
 func startLogged(c *exec.Cmd, logPath string) error {
 	f, err := os.Create(logPath)
 	if err != nil {

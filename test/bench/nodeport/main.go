@@ -232,6 +232,13 @@ func run(o opts) (*Result, error) {
 		}
 		// Let the agent catch up: its frontend count stops growing.
 		waitSettled(ctx, c, 2*time.Minute)
+		// And the control plane settle (etcd compacts the bulk create's
+		// history for a while): measure on a quiet machine.
+		if waited, err := cp.WaitQuiet(ctx, 0.15, 5*time.Second, 3*time.Minute); err != nil {
+			logf("measuring anyway: %v", err)
+		} else {
+			logf("control plane quiet after %.0f s", waited.Seconds())
+		}
 		measureCell(made+1, sec)
 	}
 	res.Summary = summary(res)
