@@ -48,9 +48,9 @@ func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 // TestIntegrationInitialList: against the real kube-apiserver, the store
 // holds every object after the initial list and follows a change after it,
 // both ways the reflector lists: a streamed list (WatchList, on by default
-// in kube-apiserver 1.34) and, where the server does not stream (1.33, as
-// kubeenv's BulkServices emulates), a list in pages of pageSize (the pager
-// follows the continue tokens; each page is converted before the next).
+// in kube-apiserver 1.34) and, where the server does not stream (WatchList
+// off, the 1.33 default), a list in pages of pageSize (the pager follows the
+// continue tokens; each page is converted before the next).
 func TestIntegrationInitialList(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
@@ -74,7 +74,7 @@ func testInitialList(t *testing.T, paged bool) {
 	done, rel := make(chan struct{}), make(chan struct{})
 	go func() {
 		runtime.LockOSThread()
-		cp, err = kubeenv.Start(ctx, kubeenv.Options{Dir: t.TempDir(), BulkServices: paged})
+		cp, err = kubeenv.Start(ctx, kubeenv.Options{Dir: t.TempDir(), NoWatchList: paged})
 		close(done)
 		<-rel
 	}()

@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -72,8 +73,13 @@ type Options struct {
 	// gigabytes of etcd history in a bulk create, so kube-apiserver
 	// compacts every minute (not 5) and etcd's quota is 8 GiB (not 2). A
 	// paginated list that takes longer than a minute may then fail with
-	// 410 Expired.
+	// 410 Expired. The 1.34 defaults of the gates that decide how lists are
+	// served are kept (WatchList and ListFromCacheSnapshot on), so clients
+	// list as they would from a real 1.34 API server.
 	BulkServices bool
+	// NoWatchList turns kube-apiserver's WatchList off (streamed initial
+	// lists, on by default in 1.34), so clients fall back to a LIST.
+	NoWatchList bool
 }
 
 // ControlPlane is a running etcd + kube-apiserver.
@@ -156,11 +162,19 @@ func Start(ctx context.Context, o Options) (*ControlPlane, error) {
 		"--profiling=false",
 		"--cert-dir="+filepath.Join(o.Dir, "certs"),
 		"--v=0")
+	var gates []string
 	if o.BulkServices {
-		cp.apiserver.Args = append(cp.apiserver.Args,
-			"--emulated-version=1.33",
-			"--feature-gates=MultiCIDRServiceAllocator=false",
-			"--etcd-compaction-interval=1m")
+		cp.apiserver.Args = append(cp.apiserver.Args, "--emulated-version=1.33", "--etcd-compaction-interval=1m")
+		gates = append(gates, "MultiCIDRServiceAllocator=false", "ListFromCacheSnapshot=true")
+		if !o.NoWatchList {
+			gates = append(gates, "WatchList=true")
+		}
+	}
+	if o.NoWatchList {
+		gates = append(gates, "WatchList=false")
+	}
+	if len(gates) > 0 {
+		cp.apiserver.Args = append(cp.apiserver.Args, "--feature-gates="+strings.Join(gates, ","))
 	}
 	if err := startLogged(cp.apiserver, filepath.Join(o.Dir, "kube-apiserver.log")); err != nil {
 		cp.Stop()
