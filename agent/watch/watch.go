@@ -71,6 +71,7 @@ type Watcher struct {
 	nodeSynced cache.InformerSynced
 	changes    chan struct{}
 	wg         sync.WaitGroup
+	pageSize   int64
 
 	svcSynced, sliceSynced atomic.Bool
 
@@ -107,7 +108,7 @@ func LabelSelector(proxyName string) labels.Selector {
 // New sets up the reflectors and the Node informer (nothing runs before
 // Start).
 func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
-	w := &Watcher{opts: o, changes: make(chan struct{}, 1),
+	w := &Watcher{opts: o, changes: make(chan struct{}, 1), pageSize: pageSize,
 		svcs: map[types.NamespacedName]*entry{}, slices: map[types.NamespacedName]*slim.EndpointSlice{},
 		dirty: map[types.NamespacedName]struct{}{}}
 	sel := LabelSelector(o.ProxyName).String()
@@ -116,7 +117,7 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 	// relist brings nothing new.
 	svcLW := cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
-			l, err := cs.CoreV1().Services("").List(ctx, pageOptions(tweak(lo)))
+			l, err := cs.CoreV1().Services("").List(ctx, w.pageOptions(tweak(lo)))
 			if err != nil {
 				return nil, err
 			}
@@ -129,10 +130,10 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
 			return cs.CoreV1().Services("").Watch(ctx, tweak(lo))
 		},
-	}, cs)
+	}, listsInPages{})
 	sliceLW := cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
-			l, err := cs.DiscoveryV1().EndpointSlices("").List(ctx, pageOptions(tweak(lo)))
+			l, err := cs.DiscoveryV1().EndpointSlices("").List(ctx, w.pageOptions(tweak(lo)))
 			if err != nil {
 				return nil, err
 			}
@@ -145,7 +146,7 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
 			return cs.DiscoveryV1().EndpointSlices("").Watch(ctx, tweak(lo))
 		},
-	}, cs)
+	}, listsInPages{})
 	w.reflectors = []*cache.Reflector{
 		cache.NewReflectorWithOptions(svcLW, &corev1.Service{}, serviceStore{w}, cache.ReflectorOptions{Name: "kpfree services"}),
 		cache.NewReflectorWithOptions(sliceLW, &discoveryv1.EndpointSlice{}, sliceStore{w}, cache.ReflectorOptions{Name: "kpfree endpointslices"}),
@@ -186,10 +187,22 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 	return w, nil
 }
 
-// pageSize is how many objects one list request asks for.
-const pageSize = 500
+// listsInPages tells the reflectors not to stream their initial lists
+// (WatchList, kube-apiserver 1.34's default) but to LIST in pages. Both hold
+// slim objects only; measured at 50,000 Services (test/bench/agent), the
+// streamed lists took 2.0 s against 0.8 s in pages of 5,000, with a higher
+// peak RSS (the stream arrives faster than the GC paces).
+type listsInPages struct{}
 
-// pageOptions makes the initial list paginated. The reflector lists first
+func (listsInPages) IsWatchListSemanticsUnSupported() bool { return true }
+
+// pageSize is how many objects one list request asks for: ~10 MiB of
+// decoded objects at most, and few requests (at 50,000 Services, pages of
+// 500 took 8 s against an API server that reads pages from etcd).
+const pageSize = 5000
+
+// pageOptions makes the initial list paginated, in pages of pageSize. The
+// reflector lists first
 // with resourceVersion "0" (any version), which the API server answers from
 // its watch cache in one response whatever the limit: 50,000 Services and
 // their slices decoded at once, ~200 MiB for a moment. A consistent read
@@ -199,12 +212,13 @@ const pageSize = 500
 // page of API objects. The consistent read is stricter than "0", never
 // staler. Relists at a known resourceVersion are left as the reflector
 // makes them.
-func pageOptions(lo metav1.ListOptions) metav1.ListOptions {
+func (w *Watcher) pageOptions(lo metav1.ListOptions) metav1.ListOptions {
 	if lo.ResourceVersion == "0" && lo.Continue == "" {
 		lo.ResourceVersion, lo.ResourceVersionMatch = "", ""
-		if lo.Limit == 0 {
-			lo.Limit = pageSize
-		}
+		lo.Limit = w.pageSize
+	}
+	if lo.Limit != 0 {
+		lo.Limit = w.pageSize // the pager's own size is 500
 	}
 	return lo
 }
