@@ -116,7 +116,7 @@ func New(cfg Config) (*Agent, error) {
 		Model: model.Options{ProxyName: cfg.ProxyName, LBAlgorithm: cfg.LBAlgorithm,
 			LoopbackNodePort: cfg.LoopbackNodePort, NodeAddrs: cfg.NodeAddrs},
 		OnHealthChecks: cfg.OnHealthChecks,
-		AfterRebuild:   releaseMemory,
+		AfterFull:      releaseMemory,
 		Gate:           cfg.Gate,
 		Reporter:       reporter,
 		Metrics:        reconcile.NewMetrics(a.registry),
@@ -127,11 +127,10 @@ func New(cfg Config) (*Agent, error) {
 	return a, nil
 }
 
-// releaseMemory returns the heap's free pages to the kernel after a pass
-// that rebuilt the model. The first one follows the initial lists, the
-// largest allocation the agent ever makes (the listed objects are dropped as
-// soon as they are converted to their slim form); the periodic ones leave the
-// previous model as garbage. With the default GOGC the heap would otherwise
+// releaseMemory returns the heap's free pages to the kernel after a full
+// pass. The first one follows the initial lists and the model's build, the
+// largest allocations the agent ever makes; the periodic ones leave a Dump
+// of the maps and the whole desired state as garbage. With the default GOGC the heap would otherwise
 // grow to twice the live model and the runtime keep those pages, so the RSS
 // would follow the heap goal rather than what the agent holds. It costs one
 // forced GC per full pass (every 5 min by default).

@@ -1,22 +1,24 @@
 // Package reconcile keeps the load balancer maps equal to what the model
-// derives from the informer caches.
+// derives from the watcher's objects.
 //
 // The model is kept in a model.Index. Passes are of three kinds:
 //
-//   - full: rebuild the Index from a Snapshot of the caches and make the maps
-//     hold exactly its Services (lbmap Sync, prune included): the first pass
-//     after the informers synced, and every ResyncInterval (which also
-//     checks the maps for drift);
-//   - rebuild: the same rebuild, then write only what differs from what was
-//     written: after an option change (SetNodeAddrs), after a failed read,
-//     and on every pass when the Source cannot say what changed;
+//   - full: make the maps hold exactly the Index's Services (lbmap Sync,
+//     prune included): the first pass after the lists are in, which builds
+//     the Index from a Snapshot, and every ResyncInterval, which updates it
+//     with the dirty Services as an incremental pass does and also checks
+//     the maps for drift;
+//   - rebuild: rebuild the Index from a Snapshot, then write only what
+//     differs from what was written: after an option change (SetNodeAddrs),
+//     after a failed read, and on every pass when the Source cannot say what
+//     changed;
 //   - incremental: take the Services the Source marked dirty
 //     (IncrementalSource), rebuild only those in the Index and write its
 //     Delta, plus the frontends whose writes failed before. Its cost follows
 //     the change, not the cluster.
 //
 // Passes are idempotent: an unchanged desired state writes nothing. Before
-// the informers have synced nothing is written at all, so a restarted agent
+// the initial lists are in nothing is written at all, so a restarted agent
 // keeps serving from the pinned maps the last one left (lbmap.New restores
 // its bookkeeping from them) and never prunes a Service only because its
 // object has not been listed yet.
@@ -105,12 +107,12 @@ type Config struct {
 	// the maps were written (cheap: the Index keeps the list between
 	// changes). The slice is shared: do not modify it.
 	OnHealthChecks func([]model.HealthCheck)
-	// AfterRebuild, if set, is called by Run after every pass that rebuilt
-	// the model (full and rebuild passes), once the pass is done: the
-	// previous model and the pass's scratch are garbage then.
-	AfterRebuild func()
-	Metrics      *Metrics // nil: none
-	Log          *slog.Logger
+	// AfterFull, if set, is called by Run after every full and rebuild
+	// pass, once it is done: the pass's scratch (a Dump of the maps, the
+	// whole desired state, a rebuilt model's predecessor) is garbage then.
+	AfterFull func()
+	Metrics   *Metrics // nil: none
+	Log       *slog.Logger
 
 	// MinInterval is the shortest time between two passes: changes that
 	// arrive meanwhile are batched (default 100 ms).
@@ -247,7 +249,13 @@ func (r *Reconciler) Reconcile(full bool) (Stats, error) {
 	inc, isInc := r.cfg.Source.(IncrementalSource)
 	st := Stats{Full: full || r.applied == nil, Mode: "incremental"}
 	var delta model.Delta
-	if st.Full || !isInc || r.rebuild {
+	// The model is rebuilt from a Snapshot on the first pass, after a
+	// failed read or an option change, and on every pass of a Source that
+	// cannot say what changed; otherwise it is updated with the dirty
+	// Services, periodic full passes included (the Index always equals a
+	// rebuild, see model.Index; a rebuild would only double the model in
+	// memory for the length of the pass).
+	if r.applied == nil || !isInc || r.rebuild {
 		st.Mode = "rebuild"
 		if st.Full {
 			st.Mode = "full"
@@ -284,7 +292,12 @@ func (r *Reconciler) Reconcile(full bool) (Stats, error) {
 		}
 		st.Dirty = len(in)
 		delta = r.index.Update(in)
-		r.apply(delta, &st)
+		if st.Full {
+			st.Mode = "full"
+			r.full(r.index.Services(), &st)
+		} else {
+			r.apply(delta, &st)
+		}
 	}
 	st.NewWarnings = r.report(delta.NewWarnings)
 	st.Services = len(r.applied)
@@ -551,8 +564,8 @@ func (r *Reconciler) Run(ctx context.Context, changes <-chan struct{}) error {
 			}
 			pending = false
 			r.pendingSince.Store(0)
-			if st.Mode != "incremental" && r.cfg.AfterRebuild != nil {
-				r.cfg.AfterRebuild()
+			if st.Mode != "incremental" && r.cfg.AfterFull != nil {
+				r.cfg.AfterFull()
 			}
 			if full {
 				nextFull = lastRun.Add(r.cfg.ResyncInterval)

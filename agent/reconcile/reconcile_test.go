@@ -625,3 +625,35 @@ func TestIncrementalPassesTouchOnlyDirty(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A periodic full pass over an IncrementalSource updates the model with the
+// dirty Services instead of rebuilding it from a Snapshot (which would hold
+// two models at once), and still makes the maps exact.
+func TestPeriodicFullPassUpdatesTheModel(t *testing.T) {
+	fake := lbmap.NewFake(lbmap.Capacity{})
+	src := newSource()
+	src.synced, src.inc = true, true
+	src.put("a", "10.96.0.1", 80, 8080, "10.244.0.1")
+	src.put("b", "10.96.0.2", 80, 8080, "10.244.0.2")
+	r := reconcile.New(reconcile.Config{Maps: fake, Source: src.source()})
+	if st := mustReconcile(t, r, false); st.Mode != "full" || st.Services != 2 {
+		t.Fatalf("first pass: %+v", st)
+	}
+	snaps := src.calls
+	src.put("a", "10.96.0.1", 80, 8080, "10.244.0.1", "10.244.0.3")
+	src.remove("b")
+	st := mustReconcile(t, r, true)
+	if st.Mode != "full" || st.Dirty != 2 || st.Services != 1 {
+		t.Fatalf("periodic full pass: %+v", st)
+	}
+	if src.calls != snaps {
+		t.Fatalf("the periodic full pass read %d Snapshots, want none", src.calls-snaps)
+	}
+	svcs, sl := func() ([]*slim.Service, []*slim.EndpointSlice) {
+		s, _ := src.Snapshot()
+		return s.Services, s.EndpointSlices
+	}()
+	if got, want := dump(t, fake), lbmap.Format(model.Build(svcs, sl, "", model.Options{}).Services()); got != want {
+		t.Fatalf("maps:\n%s\nmodel:\n%s", got, want)
+	}
+}
