@@ -115,38 +115,24 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 	tweak := func(lo metav1.ListOptions) metav1.ListOptions { lo.LabelSelector = sel; return lo }
 	// No resync: the reconciler resyncs the maps on its own schedule, and a
 	// relist brings nothing new.
-	svcLW := cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
-			l, err := cs.CoreV1().Services("").List(ctx, w.pageOptions(tweak(lo)))
-			if err != nil {
-				return nil, err
-			}
-			out := &slimList{ListMeta: l.ListMeta, Items: make([]slimItem, len(l.Items))}
-			for i := range l.Items {
-				out.Items[i] = slimItemOf(&l.Items[i])
-			}
-			return out, nil
-		},
-		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
-			return cs.CoreV1().Services("").Watch(ctx, tweak(lo))
-		},
-	}, listsInPages{})
-	sliceLW := cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
-			l, err := cs.DiscoveryV1().EndpointSlices("").List(ctx, w.pageOptions(tweak(lo)))
-			if err != nil {
-				return nil, err
-			}
-			out := &slimList{ListMeta: l.ListMeta, Items: make([]slimItem, len(l.Items))}
-			for i := range l.Items {
-				out.Items[i] = slimItemOf(&l.Items[i])
-			}
-			return out, nil
-		},
-		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
-			return cs.DiscoveryV1().EndpointSlices("").Watch(ctx, tweak(lo))
-		},
-	}, listsInPages{})
+	svcLW := w.listWatch(func(ctx context.Context, lo metav1.ListOptions) (*slimList, error) {
+		l, err := cs.CoreV1().Services("").List(ctx, w.pageOptions(tweak(lo)))
+		if err != nil {
+			return nil, err
+		}
+		return slimPage(l.ListMeta, l.Items), nil
+	}, func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
+		return cs.CoreV1().Services("").Watch(ctx, tweak(lo))
+	})
+	sliceLW := w.listWatch(func(ctx context.Context, lo metav1.ListOptions) (*slimList, error) {
+		l, err := cs.DiscoveryV1().EndpointSlices("").List(ctx, w.pageOptions(tweak(lo)))
+		if err != nil {
+			return nil, err
+		}
+		return slimPage(l.ListMeta, l.Items), nil
+	}, func(ctx context.Context, lo metav1.ListOptions) (apiwatch.Interface, error) {
+		return cs.DiscoveryV1().EndpointSlices("").Watch(ctx, tweak(lo))
+	})
 	w.reflectors = []*cache.Reflector{
 		cache.NewReflectorWithOptions(svcLW, &corev1.Service{}, serviceStore{w}, cache.ReflectorOptions{Name: "kpfree services"}),
 		cache.NewReflectorWithOptions(sliceLW, &discoveryv1.EndpointSlice{}, sliceStore{w}, cache.ReflectorOptions{Name: "kpfree endpointslices"}),
@@ -248,6 +234,32 @@ func (l *slimList) DeepCopyObject() runtime.Object {
 func (i *slimItem) DeepCopyObject() runtime.Object {
 	c := *i
 	return &c
+}
+
+// listWatch is what a reflector lists and watches through: lists in slim
+// pages, never streamed (listsInPages).
+func (w *Watcher) listWatch(list func(context.Context, metav1.ListOptions) (*slimList, error),
+	watch func(context.Context, metav1.ListOptions) (apiwatch.Interface, error)) cache.ListerWatcher {
+	return cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
+			l, err := list(ctx, lo)
+			if err != nil {
+				return nil, err // not a nil *slimList in an interface
+			}
+			return l, nil
+		},
+		WatchFuncWithContext: watch,
+	}, listsInPages{})
+}
+
+// slimPage converts one page of a list (Services or EndpointSlices); the
+// page's API objects are garbage once it returns.
+func slimPage[T any](meta metav1.ListMeta, items []T) *slimList {
+	out := &slimList{ListMeta: meta, Items: make([]slimItem, len(items))}
+	for i := range items {
+		out.Items[i] = slimItemOf(&items[i])
+	}
+	return out
 }
 
 // slimItemOf converts a Service or an EndpointSlice (anything else gives an
