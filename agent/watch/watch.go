@@ -19,6 +19,7 @@ package watch
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -134,15 +135,15 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 		return cs.DiscoveryV1().EndpointSlices("").Watch(ctx, tweak(lo))
 	})
 	w.reflectors = []*cache.Reflector{
-		cache.NewReflectorWithOptions(svcLW, &corev1.Service{}, serviceStore{w}, cache.ReflectorOptions{Name: "kpfree services"}),
-		cache.NewReflectorWithOptions(sliceLW, &discoveryv1.EndpointSlice{}, sliceStore{w}, cache.ReflectorOptions{Name: "kpfree endpointslices"}),
+		cache.NewReflectorWithOptions(svcLW, &corev1.Service{}, w.serviceStore(), cache.ReflectorOptions{Name: "kpfree services"}),
+		cache.NewReflectorWithOptions(sliceLW, &discoveryv1.EndpointSlice{}, w.sliceStore(), cache.ReflectorOptions{Name: "kpfree endpointslices"}),
 	}
 	if o.NodeName != "" {
 		w.nodes = informers.NewSharedInformerFactoryWithOptions(cs, 0,
 			informers.WithTweakListOptions(func(lo *metav1.ListOptions) {
 				lo.FieldSelector = fields.OneTermEqualSelector("metadata.name", o.NodeName).String()
 			}),
-			informers.WithTransform(Trim))
+			informers.WithTransform(trimNode))
 		nodes := w.nodes.Core().V1().Nodes()
 		w.node = nodes.Lister()
 		addrsChanged := func() {
@@ -174,24 +175,26 @@ func New(cs kubernetes.Interface, o Options) (*Watcher, error) {
 }
 
 // listsInPages tells the reflectors not to stream their initial lists
-// (WatchList, kube-apiserver 1.34's default) but to LIST in pages. Both hold
-// slim objects only; measured at 50,000 Services (test/bench/agent), the
-// streamed lists took 2.0 s against 0.8 s in pages of 5,000, with a higher
-// peak RSS (the stream arrives faster than the GC paces).
+// (WatchList, kube-apiserver 1.34's default) but to LIST in pages: measured
+// at 50,000 Services (test/bench/agent, one run each), the streamed lists
+// took 2.0 s against 0.8-1.3 s in pages of 5,000 (peak RSS 251 against
+// 216-230 MiB). A streamed list would also gather full API objects in the
+// reflector's own temporary store.
 type listsInPages struct{}
 
 func (listsInPages) IsWatchListSemanticsUnSupported() bool { return true }
 
-// pageSize is how many objects one list request asks for: ~10 MiB of
+// pageSize is how many objects one list request asks for: a few MiB of
 // decoded objects at most, and few requests (at 50,000 Services, pages of
-// 500 took 8 s against an API server that reads pages from etcd).
+// 500 took 8.2 s against the benchmark's API server, pages of 5,000
+// 0.8-1.3 s).
 const pageSize = 5000
 
 // pageOptions makes the initial list paginated, in pages of pageSize. The
-// reflector lists first
-// with resourceVersion "0" (any version), which the API server answers from
-// its watch cache in one response whatever the limit: 50,000 Services and
-// their slices decoded at once, ~200 MiB for a moment. A consistent read
+// reflector lists first with resourceVersion "0" (any version), which the
+// API server answers from its watch cache in one response whatever the
+// limit: 50,000 Services and their slices decoded at once (peak RSS 346-428
+// MiB measured, against ~130 MiB after). A consistent read
 // ("") honours the limit, and the reflector's pager follows the continue
 // tokens; each page is converted to slim objects before the next is
 // requested (see the list functions in New), so a list holds at most one
@@ -274,38 +277,92 @@ func slimItemOf(obj any) slimItem {
 	return slimItem{}
 }
 
-// toSlim is the reflectors' transform: a streamed initial list (WatchList),
-// which the reflector gathers in a store of its own, holds slim objects too.
-func toSlim(obj any) (any, error) {
-	switch obj.(type) {
-	case *corev1.Service, *discoveryv1.EndpointSlice:
-		it := slimItemOf(obj)
-		return &it, nil
-	}
-	return obj, nil
+// store is what a reflector writes to (cache.ReflectorStore), for one kind
+// of object: each is converted to its slim form on arrival (conv), unless a
+// list already did (a slimItem), and set under the watcher's lock; keys are
+// the ones stored, for a relist to find what went.
+type store[T comparable] struct {
+	w      *Watcher
+	conv   func(any) (T, error)
+	set    func(k types.NamespacedName, now T) bool // zero now: gone
+	keys   func() []types.NamespacedName
+	synced *atomic.Bool
 }
 
-// serviceStore and sliceStore are what the reflectors write to
-// (cache.ReflectorStore): every object is converted to its slim form on
-// arrival, unless a list or the transform already did.
-type (
-	serviceStore struct{ w *Watcher }
-	sliceStore   struct{ w *Watcher }
-)
+func (w *Watcher) serviceStore() store[*slim.Service] {
+	return store[*slim.Service]{w: w, conv: asService, set: w.setServiceLocked, synced: &w.svcSynced,
+		keys: func() []types.NamespacedName {
+			out := make([]types.NamespacedName, 0, w.nSvcs)
+			for k, e := range w.svcs {
+				if e.svc != nil {
+					out = append(out, k)
+				}
+			}
+			return out
+		}}
+}
 
-func (s serviceStore) Add(obj any) error               { return s.w.putService(obj, false) }
-func (s serviceStore) Update(obj any) error            { return s.w.putService(obj, false) }
-func (s serviceStore) Delete(obj any) error            { return s.w.putService(obj, true) }
-func (s serviceStore) Replace(l []any, _ string) error { return s.w.replaceServices(l) }
-func (serviceStore) Resync() error                     { return nil }
-func (serviceStore) Transformer() cache.TransformFunc  { return toSlim }
+func (w *Watcher) sliceStore() store[*slim.EndpointSlice] {
+	return store[*slim.EndpointSlice]{w: w, conv: asSlice, set: w.setSliceLocked, synced: &w.sliceSynced,
+		keys: func() []types.NamespacedName { return slices.Collect(maps.Keys(w.slices)) }}
+}
 
-func (s sliceStore) Add(obj any) error               { return s.w.putSlice(obj, false) }
-func (s sliceStore) Update(obj any) error            { return s.w.putSlice(obj, false) }
-func (s sliceStore) Delete(obj any) error            { return s.w.putSlice(obj, true) }
-func (s sliceStore) Replace(l []any, _ string) error { return s.w.replaceSlices(l) }
-func (sliceStore) Resync() error                     { return nil }
-func (sliceStore) Transformer() cache.TransformFunc  { return toSlim }
+func (s store[T]) Add(obj any) error    { return s.put(obj, false) }
+func (s store[T]) Update(obj any) error { return s.put(obj, false) }
+func (s store[T]) Delete(obj any) error { return s.put(obj, true) }
+func (store[T]) Resync() error          { return nil }
+
+func (s store[T]) put(obj any, gone bool) error {
+	k, obj, err := objectKey(obj)
+	if err != nil {
+		return err
+	}
+	var now T
+	if !gone {
+		if now, err = s.conv(obj); err != nil {
+			return err
+		}
+	}
+	s.w.mu.Lock()
+	changed := s.set(k, now)
+	s.w.mu.Unlock()
+	if changed {
+		s.w.signal()
+	}
+	return nil
+}
+
+// Replace takes a whole list: what is not in it goes, the rest is set; only
+// what differs is marked dirty.
+func (s store[T]) Replace(list []any, _ string) error {
+	next := make(map[types.NamespacedName]T, len(list))
+	for _, obj := range list {
+		k, obj, err := objectKey(obj)
+		if err != nil {
+			return err
+		}
+		if next[k], err = s.conv(obj); err != nil {
+			return err
+		}
+	}
+	s.w.mu.Lock()
+	changed := false
+	var gone T
+	for _, k := range s.keys() {
+		if _, ok := next[k]; !ok {
+			changed = s.set(k, gone) || changed
+		}
+	}
+	for k, v := range next {
+		changed = s.set(k, v) || changed
+	}
+	s.w.mu.Unlock()
+	s.synced.Store(true)
+	if changed {
+		s.w.signal()
+	}
+	return nil
+}
 
 // objectKey is the namespace/name of an object the reflector hands over
 // (tombstones included).
@@ -347,26 +404,6 @@ func asSlice(obj any) (*slim.EndpointSlice, error) {
 	return nil, fmt.Errorf("watch: unexpected object %T in the EndpointSlice store", obj)
 }
 
-func (w *Watcher) putService(obj any, gone bool) error {
-	k, obj, err := objectKey(obj)
-	if err != nil {
-		return err
-	}
-	var now *slim.Service
-	if !gone {
-		if now, err = asService(obj); err != nil {
-			return err
-		}
-	}
-	w.mu.Lock()
-	changed := w.setServiceLocked(k, now)
-	w.mu.Unlock()
-	if changed {
-		w.signal()
-	}
-	return nil
-}
-
 // setServiceLocked stores a Service (nil: deleted) and marks it dirty if
 // the agent sees a difference.
 func (w *Watcher) setServiceLocked(k types.NamespacedName, now *slim.Service) bool {
@@ -392,56 +429,9 @@ func (w *Watcher) setServiceLocked(k types.NamespacedName, now *slim.Service) bo
 	return true
 }
 
-func (w *Watcher) replaceServices(list []any) error {
-	next := make(map[types.NamespacedName]*slim.Service, len(list))
-	for _, obj := range list {
-		s, err := asService(obj)
-		if err != nil {
-			return err
-		}
-		next[s.Key()] = s
-	}
-	w.mu.Lock()
-	changed := false
-	for k, e := range w.svcs {
-		if _, ok := next[k]; !ok && e.svc != nil {
-			changed = w.setServiceLocked(k, nil) || changed
-		}
-	}
-	for k, s := range next {
-		changed = w.setServiceLocked(k, s) || changed
-	}
-	w.mu.Unlock()
-	w.svcSynced.Store(true)
-	if changed {
-		w.signal()
-	}
-	return nil
-}
-
-func (w *Watcher) putSlice(obj any, gone bool) error {
-	k, obj, err := objectKey(obj)
-	if err != nil {
-		return err
-	}
-	var now *slim.EndpointSlice
-	if !gone {
-		if now, err = asSlice(obj); err != nil {
-			return err
-		}
-	}
-	w.mu.Lock()
-	changed := w.setSliceLocked(k, now)
-	w.mu.Unlock()
-	if changed {
-		w.signal()
-	}
-	return nil
-}
-
 // setSliceLocked stores a slice (nil: deleted; one the model can never use
-// is kept as deleted), keeps bySvc up to date and marks the Services it
-// concerns dirty: both when it moved from one to another.
+// is kept as deleted), keeps its Service entry's list up to date and marks
+// the Services it concerns dirty: both when it moved from one to another.
 func (w *Watcher) setSliceLocked(k types.NamespacedName, now *slim.EndpointSlice) bool {
 	if now != nil && !model.UsableSlice(now) {
 		now = nil
@@ -479,33 +469,6 @@ func (w *Watcher) setSliceLocked(k types.NamespacedName, now *slim.EndpointSlice
 		w.dirty[sk] = struct{}{}
 	}
 	return true
-}
-
-func (w *Watcher) replaceSlices(list []any) error {
-	next := make(map[types.NamespacedName]*slim.EndpointSlice, len(list))
-	for _, obj := range list {
-		es, err := asSlice(obj)
-		if err != nil {
-			return err
-		}
-		next[types.NamespacedName{Namespace: es.Namespace, Name: es.Name}] = es
-	}
-	w.mu.Lock()
-	changed := false
-	for k := range w.slices {
-		if _, ok := next[k]; !ok {
-			changed = w.setSliceLocked(k, nil) || changed
-		}
-	}
-	for k, es := range next {
-		changed = w.setSliceLocked(k, es) || changed
-	}
-	w.mu.Unlock()
-	w.sliceSynced.Store(true)
-	if changed {
-		w.signal()
-	}
-	return nil
 }
 
 // TakeDirty returns the Services whose Service object or EndpointSlices
@@ -613,35 +576,16 @@ func (w *Watcher) Snapshot() (Snapshot, error) {
 	return s, nil
 }
 
-// Trim drops what the agent never reads before an object enters the informer
-// cache: managed fields, annotations (kubectl's last-applied copy of the
-// whole object is the biggest), owner references and finalizers; on
-// Services the selector and status conditions; on EndpointSlices each
-// endpoint's target reference, hostname, zone, hints and deprecated topology
-// map. At 50,000 Services this is most of the cache. Objects of other types
-// pass unchanged but for the metadata.
-func Trim(obj any) (any, error) {
-	m, ok := obj.(metav1.Object)
+// trimNode drops what the agent never reads of its Node before it enters
+// the informer cache: managed fields, annotations and the image list (the
+// largest part of a Node).
+func trimNode(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
 	if !ok {
 		return obj, nil // e.g. cache.DeletedFinalStateUnknown
 	}
-	m.SetManagedFields(nil)
-	m.SetAnnotations(nil)
-	m.SetOwnerReferences(nil)
-	m.SetFinalizers(nil)
-	switch o := obj.(type) {
-	case *corev1.Service:
-		o.Spec.Selector = nil
-		o.Status.Conditions = nil
-	case *discoveryv1.EndpointSlice:
-		for i := range o.Endpoints {
-			ep := &o.Endpoints[i]
-			ep.DeprecatedTopology, ep.TargetRef, ep.Hostname, ep.Zone, ep.Hints = nil, nil, nil, nil, nil
-		}
-	case *corev1.Node:
-		o.Status.Images = nil // the largest part of a Node, never read
-	}
-	return obj, nil
+	n.ManagedFields, n.Annotations, n.Status.Images = nil, nil, nil
+	return n, nil
 }
 
 // NodeIPs returns this node's InternalIP and ExternalIP addresses as the

@@ -13,50 +13,27 @@ import (
 	"k8s.io/client-go/tools/cache"
 )
 
-func TestTrimDropsWhatTheAgentNeverReads(t *testing.T) {
-	meta := func() metav1.ObjectMeta {
-		return metav1.ObjectMeta{
-			Name: "web", Namespace: "default", Labels: map[string]string{"app": "web"},
-			Annotations:     map[string]string{"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
-			ManagedFields:   []metav1.ManagedFieldsEntry{{Manager: "kubectl"}},
-			OwnerReferences: []metav1.OwnerReference{{Kind: "Service", Name: "web"}},
-			Finalizers:      []string{"service.kubernetes.io/load-balancer-cleanup"},
-		}
+func TestTrimNodeDropsWhatTheAgentNeverReads(t *testing.T) {
+	node := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: "n1", Labels: map[string]string{"zone": "a"},
+			Annotations:   map[string]string{"node.alpha.kubernetes.io/ttl": "0"},
+			ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}},
+		Status: corev1.NodeStatus{
+			Images:    []corev1.ContainerImage{{Names: []string{"pause"}}},
+			Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "198.18.0.2"}},
+		},
 	}
-	svc := &corev1.Service{ObjectMeta: meta(), Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.10", Selector: map[string]string{"app": "web"}}}
-	zone, host, node1 := "a", "web-0", "n1"
-	es := &discoveryv1.EndpointSlice{ObjectMeta: meta(), Endpoints: []discoveryv1.Endpoint{
-		{Addresses: []string{"10.244.1.5"}, DeprecatedTopology: map[string]string{"zone": "a"}, Zone: &zone, Hostname: &host,
-			NodeName: &node1, TargetRef: &corev1.ObjectReference{Kind: "Pod", Name: "web-0"},
-			Hints: &discoveryv1.EndpointHints{ForZones: []discoveryv1.ForZone{{Name: "a"}}}},
-	}}
-	node := &corev1.Node{ObjectMeta: meta(), Status: corev1.NodeStatus{
-		Images:    []corev1.ContainerImage{{Names: []string{"pause"}}},
-		Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "198.18.0.2"}},
-	}}
-	for _, obj := range []metav1.Object{svc, es, node} {
-		if _, err := Trim(obj); err != nil {
-			t.Fatal(err)
-		}
-		if obj.GetManagedFields() != nil || obj.GetAnnotations() != nil || obj.GetOwnerReferences() != nil || obj.GetFinalizers() != nil {
-			t.Errorf("%T: managed fields, annotations, owner references or finalizers kept", obj)
-		}
-		if obj.GetLabels()["app"] != "web" || obj.GetName() != "web" {
-			t.Errorf("%T: labels or name lost", obj)
-		}
+	if _, err := trimNode(node); err != nil {
+		t.Fatal(err)
 	}
-	if svc.Spec.ClusterIP != "10.96.0.10" || svc.Spec.Selector != nil {
-		t.Errorf("service spec: %+v", svc.Spec)
+	if node.ManagedFields != nil || node.Annotations != nil || node.Status.Images != nil {
+		t.Errorf("managed fields, annotations or images kept: %+v", node)
 	}
-	if ep := es.Endpoints[0]; ep.DeprecatedTopology != nil || ep.Zone != nil || ep.Hostname != nil || ep.TargetRef != nil ||
-		ep.Hints != nil || ep.Addresses[0] != "10.244.1.5" || *ep.NodeName != "n1" {
-		t.Errorf("endpoint: %+v", es.Endpoints[0])
+	if node.Name != "n1" || node.Labels["zone"] != "a" || len(node.Status.Addresses) != 1 {
+		t.Errorf("name, labels or addresses lost: %+v", node)
 	}
-	if node.Status.Images != nil || len(node.Status.Addresses) != 1 {
-		t.Errorf("node status: %+v", node.Status)
-	}
-	tomb := cache.DeletedFinalStateUnknown{Key: "default/web"}
-	if out, err := Trim(tomb); err != nil || out != tomb {
+	tomb := cache.DeletedFinalStateUnknown{Key: "n1"}
+	if out, err := trimNode(tomb); err != nil || out != tomb {
 		t.Errorf("tombstone: %v %v", out, err)
 	}
 }
@@ -168,7 +145,7 @@ func TestReplaceMarksOnlyDifferences(t *testing.T) {
 		return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name},
 			Spec: corev1.ServiceSpec{ClusterIP: ip, Ports: []corev1.ServicePort{{Port: 80}}}}
 	}
-	st := serviceStore{w}
+	st := w.serviceStore()
 	if err := st.Replace([]any{svc("same", "10.96.0.1"), svc("changed", "10.96.0.2"), svc("gone", "10.96.0.3")}, "1"); err != nil {
 		t.Fatal(err)
 	}
@@ -192,7 +169,7 @@ func TestReplaceMarksOnlyDifferences(t *testing.T) {
 		t.Fatalf("changed Service = %+v", s)
 	}
 	// Unusable slices (no Service label, FQDN) are not kept at all.
-	ss := sliceStore{w}
+	ss := w.sliceStore()
 	if err := ss.Add(&discoveryv1.EndpointSlice{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "x"}, AddressType: discoveryv1.AddressTypeIPv4}); err != nil {
 		t.Fatal(err)
 	}
