@@ -10,7 +10,6 @@ package agent_test
 
 import (
 	"bufio"
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -24,7 +23,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -57,27 +55,8 @@ func requireIntegration(t *testing.T) {
 // startAPIServer starts etcd + kube-apiserver and returns an admin client.
 func startAPIServer(t *testing.T) (*kubeenv.ControlPlane, kubernetes.Interface) {
 	t.Helper()
-	for _, b := range []string{"etcd", "kube-apiserver"} {
-		if _, err := kubeenv.Binary(b); err != nil {
-			t.Skipf("integration test: %v", err)
-		}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
 	t0 := time.Now()
-	dir := t.TempDir()
-	var cp *kubeenv.ControlPlane
-	var err error
-	// kubeenv starts etcd and kube-apiserver with Pdeathsig, which fires when
-	// the OS thread that forked them exits, and the netns helpers here end
-	// their locked threads on purpose. Fork from a thread that lives until
-	// the control plane is stopped.
-	release := onStableThread(func() { cp, err = kubeenv.Start(ctx, kubeenv.Options{Dir: dir}) })
-	t.Cleanup(release)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cp.Stop)
+	cp := kubeenv.StartForTest(t, kubeenv.Options{})
 	t.Logf("kube-apiserver %s ready after %s", cp.URL, time.Since(t0).Round(time.Millisecond))
 	cfg, err := clientcmd.BuildConfigFromFlags("", cp.Kubeconfig)
 	if err != nil {
@@ -89,21 +68,6 @@ func startAPIServer(t *testing.T) (*kubeenv.ControlPlane, kubernetes.Interface) 
 		t.Fatal(err)
 	}
 	return cp, cs
-}
-
-// onStableThread runs fn on a locked OS thread and keeps that thread until
-// release is called.
-func onStableThread(fn func()) (release func()) {
-	done, rel := make(chan struct{}), make(chan struct{})
-	go func() {
-		runtime.LockOSThread()
-		fn()
-		close(done)
-		<-rel
-		runtime.UnlockOSThread()
-	}()
-	<-done
-	return sync.OnceFunc(func() { close(rel) })
 }
 
 // ---- datapath environment (root) ----

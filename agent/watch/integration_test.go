@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -57,11 +56,6 @@ func TestIntegrationInitialList(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	for _, b := range []string{"etcd", "kube-apiserver"} {
-		if _, err := kubeenv.Binary(b); err != nil {
-			t.Skipf("integration test: %v", err)
-		}
-	}
 	t.Run("server-watchlist-on", func(t *testing.T) { testInitialList(t, false) })
 	t.Run("server-watchlist-off", func(t *testing.T) { testInitialList(t, true) })
 }
@@ -69,23 +63,7 @@ func TestIntegrationInitialList(t *testing.T) {
 func testInitialList(t *testing.T, noWatchList bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	// kubeenv forks with Pdeathsig: fork from a thread that lives as long
-	// as the control plane.
-	var cp *kubeenv.ControlPlane
-	var err error
-	done, rel := make(chan struct{}), make(chan struct{})
-	go func() {
-		runtime.LockOSThread()
-		cp, err = kubeenv.Start(ctx, kubeenv.Options{Dir: t.TempDir(), NoWatchList: noWatchList})
-		close(done)
-		<-rel
-	}()
-	<-done
-	defer close(rel)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cp.Stop()
+	cp := kubeenv.StartForTest(t, kubeenv.Options{NoWatchList: noWatchList})
 	cfg, err := clientcmd.BuildConfigFromFlags("", cp.Kubeconfig)
 	if err != nil {
 		t.Fatal(err)

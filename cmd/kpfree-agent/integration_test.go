@@ -14,10 +14,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -60,27 +58,13 @@ func TestIntegrationAgentBinary(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("integration test: needs root (BPF, cgroup2, bpffs mount)")
 	}
-	for _, b := range []string{"etcd", "kube-apiserver"} {
-		if _, err := kubeenv.Binary(b); err != nil {
-			t.Skipf("integration test: %v", err)
-		}
-	}
 	root, err := hostCgroup2Root()
 	if err != nil {
 		t.Skip(err)
 	}
 	bin := agentBinary(t)
 
-	// Control plane, forked from a thread that outlives it (kubeenv uses
-	// Pdeathsig, which follows the forking thread).
-	var cp *kubeenv.ControlPlane
-	dir := t.TempDir()
-	release := onStableThread(func() { cp, err = kubeenv.Start(context.Background(), kubeenv.Options{Dir: dir}) })
-	t.Cleanup(release)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cp.Stop)
+	cp := kubeenv.StartForTest(t, kubeenv.Options{})
 	cfg, err := clientcmd.BuildConfigFromFlags("", cp.Kubeconfig)
 	if err != nil {
 		t.Fatal(err)
@@ -306,17 +290,4 @@ func freePort(t *testing.T) int {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
-}
-
-func onStableThread(fn func()) (release func()) {
-	done, rel := make(chan struct{}), make(chan struct{})
-	go func() {
-		runtime.LockOSThread()
-		fn()
-		close(done)
-		<-rel
-		runtime.UnlockOSThread()
-	}()
-	<-done
-	return sync.OnceFunc(func() { close(rel) })
 }
