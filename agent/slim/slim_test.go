@@ -1,12 +1,15 @@
 package slim
 
 import (
+	"fmt"
+	"runtime"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
@@ -96,4 +99,72 @@ func TestFromServiceAndSlice(t *testing.T) {
 	if !FromEndpointSlice(es).Headless {
 		t.Error("headless label lost")
 	}
+}
+
+// BenchmarkHeap50k reports the heap 50,000 Services with one two-endpoint
+// EndpointSlice each take as decoded API objects (protobuf round trip, as the
+// watcher receives them) and in slim form: the figures in the package doc.
+// go test -run x -bench Heap50k -benchtime 1x ./agent/slim
+func BenchmarkHeap50k(b *testing.B) {
+	const n = 50000
+	heap := func() float64 {
+		runtime.GC()
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return float64(m.HeapAlloc)
+	}
+	for range b.N {
+		h0 := heap()
+		svcs, sls := make([]*corev1.Service, n), make([]*discoveryv1.EndpointSlice, n)
+		for i := range n {
+			svcs[i], sls[i] = apiPair(b, i)
+		}
+		h1 := heap()
+		ss, se := Services(svcs), EndpointSlices(sls)
+		svcs, sls = nil, nil
+		h2 := heap()
+		b.ReportMetric((h1-h0)/n, "api-B/pair")
+		b.ReportMetric((h2-h0)/n, "slim-B/pair")
+		runtime.KeepAlive(ss)
+		runtime.KeepAlive(se)
+	}
+}
+
+// apiPair is the i-th Service and slice as test/bench/agent creates them,
+// with the fields the API server fills in, decoded from protobuf.
+func apiPair(b *testing.B, i int) (*corev1.Service, *discoveryv1.EndpointSlice) {
+	name, vip := fmt.Sprintf("svc-%06d", i), fmt.Sprintf("10.%d.%d.%d", 100+i>>16, byte(i>>8), byte(i))
+	pol, itp := corev1.IPFamilyPolicySingleStack, corev1.ServiceInternalTrafficPolicyCluster
+	meta := func(n string) metav1.ObjectMeta {
+		return metav1.ObjectMeta{Name: n, Namespace: "default", UID: types.UID(fmt.Sprintf("%08d-1234-1234-1234-123456789012", i)),
+			ResourceVersion: fmt.Sprint(100000 + i), CreationTimestamp: metav1.Now()}
+	}
+	svc := &corev1.Service{ObjectMeta: meta(name), Spec: corev1.ServiceSpec{ClusterIP: vip, ClusterIPs: []string{vip},
+		Type: corev1.ServiceTypeClusterIP, SessionAffinity: corev1.ServiceAffinityNone, IPFamilies: []corev1.IPFamily{corev1.IPv4Protocol},
+		IPFamilyPolicy: &pol, InternalTrafficPolicy: &itp,
+		Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}}}
+	es := &discoveryv1.EndpointSlice{ObjectMeta: meta(name + "-1"), AddressType: discoveryv1.AddressTypeIPv4,
+		Ports: []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr(int32(8080)), Protocol: ptr(corev1.ProtocolTCP)}}}
+	es.Labels = map[string]string{discoveryv1.LabelServiceName: name}
+	for _, a := range []string{"10.244.0.1", "10.244.0.2"} {
+		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{a},
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr(true), Serving: ptr(true), Terminating: ptr(false)}})
+	}
+	var s2 corev1.Service
+	var e2 discoveryv1.EndpointSlice
+	sb, err := svc.Marshal()
+	if err == nil {
+		err = s2.Unmarshal(sb)
+	}
+	if err == nil {
+		var eb []byte
+		if eb, err = es.Marshal(); err == nil {
+			err = e2.Unmarshal(eb)
+		}
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	return &s2, &e2
 }
