@@ -68,8 +68,8 @@ type Options struct {
 	// O(N²) (measured: ~330 Services/s at the start, ~45/s at 13,000).
 	// BulkServices makes kube-apiserver emulate Kubernetes 1.33, where that
 	// gate can still be turned off, and turns it off: the bitmap allocator
-	// (one RangeAllocation object) stays flat at ~250-350 Services/s up to
-	// 50,000. Every allocation rewrites that object (40-128 KiB for a /12),
+	// (one RangeAllocation object) stays flat at ~250-420 Services/s up to
+	// 50,000. Every allocation rewrites that object (36-128 KiB for a /12),
 	// gigabytes of etcd history in a bulk create, so kube-apiserver
 	// compacts every minute (not 5) and etcd's quota is 8 GiB (not 2). A
 	// paginated list that takes longer than a minute may then fail with
